@@ -1,0 +1,29 @@
+"""peft-cp-merge: merge LoRA adapters with a joint CP (tensor) decomposition.
+
+Importing the package registers ``combination_type="cp"`` (and the other registered methods) with PEFT's
+``add_weighted_adapter``; :func:`unregister` restores PEFT's original method.
+"""
+
+from .errors import (
+    MergeInputError,
+    PeftCpMergeError,
+    UnknownMergeMethodError,
+    UnknownMergeOptionError,
+    UnsupportedAdapterError,
+)
+from .methods import LoraFactors, MergeMethod, get_merge_method, list_merge_methods, merge_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraFactors",
+    "MergeInputError",
+    "MergeMethod",
+    "PeftCpMergeError",
+    "UnknownMergeMethodError",
+    "UnknownMergeOptionError",
+    "UnsupportedAdapterError",
+    "get_merge_method",
+    "list_merge_methods",
+    "merge_method",
+]

@@ -1,0 +1,25 @@
+"""The math core: merge methods as pure functions over one module's LoRA factors, registered by name.
+
+Adding a method is one new file here with a function decorated by :func:`merge_method`, imported below.
+"""
+
+from . import cp  # noqa: F401  (registers "cp")
+from .registry import (
+    LoraFactors,
+    MergeMethod,
+    check_factors,
+    check_weights,
+    get_merge_method,
+    list_merge_methods,
+    merge_method,
+)
+
+__all__ = [
+    "LoraFactors",
+    "MergeMethod",
+    "check_factors",
+    "check_weights",
+    "get_merge_method",
+    "list_merge_methods",
+    "merge_method",
+]

