@@ -12,10 +12,17 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .methods import LoraFactors, MergeMethod, get_merge_method, list_merge_methods, merge_method
+from .peft_glue import add_weighted_adapter_registry, is_registered, register, unregister
 
 __version__ = "0.1.0"
 
+register()
+
 __all__ = [
+    "add_weighted_adapter_registry",
+    "is_registered",
+    "register",
+    "unregister",
     "LoraFactors",
     "MergeInputError",
     "MergeMethod",

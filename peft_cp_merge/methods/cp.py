@@ -26,6 +26,7 @@ at ``R >= sum r_t`` that start is already an exact CP of X, where plain ALS from
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ from tensorly.cp_tensor import CPTensor
 from tensorly.decomposition import parafac
 
 from ..errors import MergeInputError
-from ._linalg import balanced, orth
+from ._linalg import balanced, orth, pad_rank
 from .registry import LoraFactors, merge_method
 
 CP_INITS = ("svd", "random", "tasks")
@@ -89,7 +90,10 @@ def _tasks_init(G: torch.Tensor, rank: int, random_state: int | None) -> CPTenso
 @merge_method(
     "cp",
     pretty_name="CP merge (joint Canonical Polyadic decomposition)",
-    reference="TC-LoRA: Tensorized Clustered LoRA Merging for Multi-Task Interference (2025); CP Merging: Joint LoRA Merging using Canonical Polyadic Decomposition (TMLR submission, 2025)",
+    reference=(
+        "TC-LoRA: Tensorized Clustered LoRA Merging for Multi-Task Interference (2025); "
+        "CP Merging: Joint LoRA Merging using Canonical Polyadic Decomposition (TMLR submission, 2025)"
+    ),
     rank_option="cp_rank",
     options={
         "cp_init": "svd",
@@ -111,9 +115,16 @@ def cp_merge(
     cp_tol: float = 1e-8,
     cp_variant: str = "weighted",
 ) -> LoraFactors:
-    """Merge one module's adapters by a rank-``rank`` CP decomposition of their compressed core."""
+    """Merge one module's adapters by a rank-``rank`` CP decomposition of their compressed core.
+
+    ``rank`` above ``sum_t r_t`` is capped there (the tasks' own SVDs already give an exact CP of that rank, and
+    ALS with surplus components has singular normal equations); the result is zero-padded back to ``rank``.
+    """
+    requested, rank = rank, min(rank, sum(f.rank for f in factors))
     G, Q_B, Q_A = compressed_core(factors)
-    with tl.backend_context("pytorch"):
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        # cp_rank above the number of tasks is normal: tensorly then pads the SVD init of that mode, and warns.
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         init = _tasks_init(G, rank, cp_random_state) if cp_init == "tasks" else cp_init
         cp = parafac(
             G, rank, init=init, n_iter_max=cp_n_iter_max, tol=cp_tol, random_state=cp_random_state,
@@ -136,4 +147,4 @@ def cp_merge(
     tiny = torch.finfo(U.dtype).tiny
     if not torch.isfinite(g).all():
         raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
-    return balanced(U / nu.clamp_min(tiny), g, V / nv.clamp_min(tiny))
+    return pad_rank(balanced(U / nu.clamp_min(tiny), g, V / nv.clamp_min(tiny)), requested)

@@ -93,11 +93,15 @@ class MergeMethod:
         weights: Sequence[float] | torch.Tensor,
         *,
         rank: int | None = None,
+        where: str = "",
         **options: Any,
     ) -> LoraFactors:
-        """Validate, upcast, run the method, and cast the merged factors back to the input dtype."""
+        """Validate, upcast, run the method, and cast the merged factors back to the input dtype.
+
+        ``where`` names the module in error messages.
+        """
         resolved = self.resolve_options(options)
-        check_factors(factors, weights)
+        check_factors(factors, weights, where=where)
         dtype = factors[0].A.dtype
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         device = factors[0].A.device
@@ -177,7 +181,9 @@ def check_weights(weights: Sequence[float] | torch.Tensor, n: int) -> list[float
         )
     bad = [i for i, w in enumerate(values) if not math.isfinite(w)]
     if bad:
-        raise MergeInputError(f"Weights must be finite numbers; weights at positions {bad} are {[values[i] for i in bad]}.")
+        raise MergeInputError(
+            f"Weights must be finite numbers; weights at positions {bad} are {[values[i] for i in bad]}."
+        )
     return values
 
 

@@ -1,0 +1,139 @@
+"""The CP method on raw factors, against dense tensorly CP and hand-checkable identities."""
+
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import parafac
+
+from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
+from peft_cp_merge.methods.cp import compressed_core
+
+cp = get_merge_method("cp")
+
+
+def _factors(ranks, out=30, inn=22, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        LoraFactors(torch.randn(r, inn, generator=g, dtype=dtype), torch.randn(out, r, generator=g, dtype=dtype),
+                    0.5 + t)
+        for t, r in enumerate(ranks)
+    ]
+
+
+def _dense_cp_merge(factors, weights, rank, **kw):
+    X = torch.stack([f.delta() for f in factors])
+    with tl.backend_context("pytorch"):
+        res = parafac(X, rank, init="svd", n_iter_max=100, tol=1e-8, **kw)
+    return torch.einsum("r,tr,or,ir,t->oi", res.weights, *res.factors, torch.as_tensor(weights, dtype=X.dtype))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_compressed_core_is_exact():
+    fs = _factors([2, 3, 4])
+    G, QB, QA = compressed_core(fs)
+    X = torch.stack([f.delta() for f in fs])
+    assert _rel(torch.einsum("tab,oa,ib->toi", G, QB, QA), X) < 1e-12
+    assert G.shape == (3, 9, 9)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_equals_dense_tensorly_parafac(rank):
+    fs, w = _factors([3, 4, 5, 2]), [0.3, 0.2, 0.4, 0.1]
+    got = cp(fs, w, rank=rank)
+    assert got.scaling == 1.0 and got.A.shape == (rank, 22) and got.B.shape == (30, rank)
+    assert _rel(got.B @ got.A, _dense_cp_merge(fs, w, rank)) < 1e-5
+
+
+@pytest.mark.parametrize("init", ["svd", "tasks"])
+def test_full_rank_reproduces_weighted_sum(init):
+    fs, w = _factors([3, 4, 5]), torch.tensor([0.5, -0.25, 1.5], dtype=torch.float64)
+    target = sum(wt * f.delta() for wt, f in zip(w, fs))
+    got = cp(fs, w, rank=12, cp_init=init, cp_n_iter_max=3000, cp_tol=0.0)
+    assert _rel(got.B @ got.A, target) < 1e-4
+
+
+def test_opposite_weights_cancel_and_order_does_not_matter():
+    fs = _factors([3, 4, 2])
+    zero = cp([fs[0], fs[0]], [1.0, -1.0], rank=3)
+    assert float((zero.B @ zero.A).norm()) < 1e-8 * float(fs[0].delta().norm())
+    w = [0.2, 0.5, 0.3]
+    a = cp(fs, w, rank=5)
+    perm = [2, 0, 1]
+    b = cp([fs[i] for i in perm], [w[i] for i in perm], rank=5)
+    assert _rel(b.B @ b.A, a.B @ a.A) < 1e-6
+
+
+def test_float32_matches_float64_and_dtype_is_kept():
+    fs = _factors([3, 4])
+    w = [0.5, 0.5]
+    f64 = cp(fs, w, rank=4)
+    fs32 = [LoraFactors(f.A.float(), f.B.float(), f.scaling) for f in fs]
+    f32 = cp(fs32, w, rank=4)
+    assert f32.A.dtype == torch.float32
+    assert _rel((f32.B @ f32.A).double(), f64.B @ f64.A) < 1e-4
+    bf = cp([LoraFactors(f.A.bfloat16(), f.B.bfloat16(), f.scaling) for f in fs], w, rank=4)
+    assert bf.A.dtype == torch.bfloat16 and torch.isfinite(bf.A.float()).all()
+
+
+def test_random_init_is_seeded():
+    fs, w = _factors([3, 3]), [0.5, 0.5]
+    a = cp(fs, w, rank=3, cp_init="random", cp_random_state=7)
+    b = cp(fs, w, rank=3, cp_init="random", cp_random_state=7)
+    c = cp(fs, w, rank=3, cp_init="random", cp_random_state=8)
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+    assert not torch.equal(a.A, c.A)
+
+
+def test_variants_by_hand():
+    fs, w = _factors([2, 3]), torch.tensor([0.7, 0.3], dtype=torch.float64)
+    G, QB, QA = compressed_core(fs)
+    with tl.backend_context("pytorch"):
+        res = parafac(G, 4, init="svd", n_iter_max=100, tol=1e-8, random_state=0)
+    C, U, V = res.factors
+    U, V = QB @ U, QA @ V
+    weighted = cp(fs, w, rank=4)
+    assert _rel(weighted.B @ weighted.A, U @ torch.diag(res.weights * (C.T @ w)) @ V.T) < 1e-8
+    authors = cp(fs, w, rank=4, cp_variant="authors")
+    assert _rel(authors.B @ authors.A, U @ torch.diag(res.weights) @ V.T) < 1e-8
+    a = w[:, None] * C
+    keep = torch.sign(a) == torch.sign(a.sum(0, keepdim=True))
+    elected = cp(fs, w, rank=4, cp_variant="sign_elect")
+    ref = U @ torch.diag(res.weights * (a * keep).sum(0)) @ V.T
+    assert _rel(elected.B @ elected.A, ref) < 1e-8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cp_variant": "mean"}, "cp_variant='mean' is not supported"),
+        ({"cp_init": "eye"}, "cp_init='eye' is not supported"),
+        ({"cp_n_iter_max": 0}, "cp_n_iter_max must be a positive integer"),
+        ({"rank": 0}, "`cp_rank` must be a positive integer"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(MergeInputError, match=match):
+        cp(_factors([2, 2]), [0.5, 0.5], **kwargs)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(UnknownMergeOptionError, match=r"Unknown option\(s\) \['cp_seed'\].*cp_random_state"):
+        cp(_factors([2, 2]), [0.5, 0.5], cp_seed=1)
+
+
+def test_shape_and_finiteness_checks():
+    a, b = _factors([2, 2])
+    bad = LoraFactors(torch.randn(2, 21, dtype=torch.float64), b.B, 1.0)
+    with pytest.raises(MergeInputError, match="incompatible shapes"):
+        cp([a, bad], [0.5, 0.5])
+    nan = LoraFactors(a.A.clone(), a.B.clone(), 1.0)
+    nan.B[0, 0] = float("nan")
+    with pytest.raises(MergeInputError, match="non-finite"):
+        cp([a, nan], [0.5, 0.5])
+    with pytest.raises(MergeInputError, match="Got 3 weights for 2 adapters"):
+        cp([a, b], [0.3, 0.3, 0.4])
+    with pytest.raises(MergeInputError, match="finite"):
+        cp([a, b], [0.3, float("inf")])
