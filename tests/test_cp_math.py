@@ -137,3 +137,33 @@ def test_shape_and_finiteness_checks():
         cp([a, b], [0.3, 0.3, 0.4])
     with pytest.raises(MergeInputError, match="finite"):
         cp([a, b], [0.3, float("inf")])
+
+
+def test_random_init_equals_tensorly_on_the_core():
+    fs, w = _factors([3, 2, 4]), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    G, QB, QA = compressed_core(fs)
+    with tl.backend_context("pytorch"):
+        res = parafac(G, 4, init="random", random_state=7, n_iter_max=100, tol=1e-8)
+    C, U, V = res.factors
+    ref = (QB @ U) @ torch.diag(res.weights * (C.T @ w)) @ (QA @ V).T
+    got = cp(fs, w, rank=4, cp_init="random", cp_random_state=7)
+    assert _rel(got.B @ got.A, ref) < 1e-6
+
+
+def test_batch_equals_one_module_at_a_time():
+    groups = [_factors([3, 2, 4], seed=s) for s in range(4)] + [_factors([2, 2], out=12, inn=9, seed=9)]
+    weights = [[0.2, 0.5, 0.3]] * 4 + [[0.6, 0.4]]
+    batch = cp.merge_batch(groups, weights, rank=4, where=[f"m{i}" for i in range(5)])
+    for g, w, got in zip(groups, weights, batch):
+        one = cp(g, w, rank=4)
+        assert _rel(got.B @ got.A, one.B @ one.A) < 1e-10
+
+
+def test_zero_and_duplicate_adapters():
+    a, b = _factors([3, 2])
+    fresh = LoraFactors(a.A, torch.zeros_like(a.B), a.scaling)  # a LoRA as initialised: B = 0
+    out = cp([fresh, fresh], [0.5, 0.5], rank=3)
+    assert torch.count_nonzero(out.B @ out.A) == 0
+    dup = cp([a, a, b], [0.25, 0.25, 0.5], rank=8)  # dependent columns in the stacked factors
+    ref = 0.5 * a.delta() + 0.5 * b.delta()
+    assert _rel(dup.B @ dup.A, ref) < 1e-6

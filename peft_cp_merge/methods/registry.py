@@ -63,6 +63,8 @@ class MergeMethod:
         peft_combination_type: whether ``add_weighted_adapter(combination_type=name)`` is routed here. ``svd`` is
             not: PEFT already has it, and the registry's ``svd`` only serves the adapter-file engine.
         validate: optional ``validate(options) -> None`` that raises a clear ``ValueError`` for bad option values.
+        batched: ``fn`` takes a batch of modules with equal shapes and ranks, ``fn(groups, weights (N, T), ...)``
+            and returns one ``LoraFactors`` per module; :meth:`merge_batch` then runs them in one call.
     """
 
     name: str
@@ -73,6 +75,7 @@ class MergeMethod:
     options: Mapping[str, Any] = field(default_factory=dict)
     peft_combination_type: bool = True
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    batched: bool = False
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults updated with ``options``; unknown names and bad values raise with the list of valid ones."""
@@ -96,24 +99,59 @@ class MergeMethod:
         where: str = "",
         **options: Any,
     ) -> LoraFactors:
-        """Validate, upcast, run the method, and cast the merged factors back to the input dtype.
+        """Merge one module: validate, upcast, run the method, cast back to the input dtype.
 
         ``where`` names the module in error messages.
         """
+        return self.merge_batch([factors], [weights], rank=rank, where=[where], **options)[0]
+
+    def merge_batch(
+        self,
+        groups: Sequence[Sequence[LoraFactors]],
+        weights: Sequence[Sequence[float] | torch.Tensor],
+        *,
+        rank: int | None = None,
+        where: Sequence[str] | None = None,
+        **options: Any,
+    ) -> list[LoraFactors]:
+        """Merge several modules at once (``groups[n]`` are module n's factors, ``weights[n]`` its weights).
+
+        Batched methods get one call per run of modules with equal shapes and ranks; others one call per module.
+        The result for each module is cast back to its factors' dtype.
+        """
         resolved = self.resolve_options(options)
-        check_factors(factors, weights, where=where)
-        dtype = factors[0].A.dtype
-        compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        device = factors[0].A.device
-        up = [
-            LoraFactors(f.A.to(device=device, dtype=compute_dtype), f.B.to(device=device, dtype=compute_dtype),
-                        float(f.scaling))
-            for f in factors
+        where = list(where) if where is not None else [""] * len(groups)
+        for g, w, at in zip(groups, weights, where):
+            check_factors(g, w, where=at)
+        rank = check_rank(rank, self.rank_option, default=max(f.rank for g in groups for f in g))
+        prepared = [_upcast(g, w) for g, w in zip(groups, weights)]
+        out: list[LoraFactors | None] = [None] * len(groups)
+        if self.batched:
+            buckets: dict[tuple, list[int]] = {}
+            for n, (g, _) in enumerate(prepared):
+                key = (g[0].A.device, g[0].A.dtype, g[0].shape, tuple(f.rank for f in g))
+                buckets.setdefault(key, []).append(n)
+            for idx in buckets.values():
+                res = self.fn(
+                    [prepared[n][0] for n in idx], torch.stack([prepared[n][1] for n in idx]), rank=rank, **resolved
+                )
+                for n, f in zip(idx, res):
+                    out[n] = f
+        else:
+            for n, (g, w) in enumerate(prepared):
+                out[n] = self.fn(g, w, rank=rank, **resolved)
+        return [
+            LoraFactors(f.A.to(g[0].A.dtype).contiguous(), f.B.to(g[0].A.dtype).contiguous(), 1.0)
+            for f, g in zip(out, groups)
         ]
-        w = torch.as_tensor(weights, dtype=compute_dtype).to(device).reshape(-1)
-        rank = check_rank(rank, self.rank_option, default=max(f.rank for f in factors))
-        out = self.fn(up, w, rank=rank, **resolved)
-        return LoraFactors(out.A.to(dtype).contiguous(), out.B.to(dtype).contiguous(), 1.0)
+
+
+def _upcast(factors: Sequence[LoraFactors], weights) -> tuple[list[LoraFactors], torch.Tensor]:
+    """Factors in float32 (float64 if given float64) on the first factor's device, weights as a tensor there."""
+    dtype = torch.float64 if factors[0].A.dtype == torch.float64 else torch.float32
+    device = factors[0].A.device
+    up = [LoraFactors(f.A.to(device, dtype), f.B.to(device, dtype), float(f.scaling)) for f in factors]
+    return up, torch.as_tensor(weights, dtype=dtype).to(device).reshape(-1)
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
@@ -128,6 +166,7 @@ def merge_method(
     options: Mapping[str, Any] | None = None,
     peft_combination_type: bool = True,
     validate: Callable[[Mapping[str, Any]], None] | None = None,
+    batched: bool = False,
 ) -> Callable[[Callable[..., LoraFactors]], Callable[..., LoraFactors]]:
     """Decorator registering ``fn`` as merge method ``name`` (see :class:`MergeMethod` for the fields)."""
 
@@ -143,6 +182,7 @@ def merge_method(
             options=dict(options or {}),
             peft_combination_type=peft_combination_type,
             validate=validate,
+            batched=batched,
         )
         return fn
 
