@@ -36,7 +36,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorly as tl
 import torch
+from tensorly.random import random_cp
 
 from ..errors import MergeInputError
 from ._linalg import balanced, pad_rank
@@ -117,10 +119,12 @@ def _init(P, R, rank: int, cp_init: str, random_state: int | None):
     """Initial ``(C, U, V)``, each (N, dim, rank), as tensorly's ``initialize_cp`` makes them."""
     N, T, KB, _ = P.shape
     KA = R.shape[2]
-    if cp_init == "random":  # tensorly's random_cp: uniform factors for modes 0, 1, 2 from RandomState(seed)
-        rng = np.random.RandomState(random_state)
-        C, U, V = (torch.as_tensor(rng.random_sample((d, rank)), dtype=P.dtype) for d in (T, KB, KA))
-        return C.expand(N, -1, -1).clone(), U.expand(N, -1, -1).clone(), V.expand(N, -1, -1).clone()
+    if cp_init == "random":  # tensorly's own random start (uniform factors from RandomState(seed)), as parafac
+        with tl.backend_context("pytorch"):
+            start = random_cp(
+                (T, KB, KA), rank, random_state=random_state, normalise_factors=False, dtype=P.dtype, device=P.device
+            )
+        return tuple(f.expand(N, -1, -1).clone() for f in start.factors)
     if cp_init == "tasks":
         return _tasks_init(P, R, rank, random_state)
     # "svd": leading left singular vectors of the mode-1 / mode-2 unfoldings, from the eigenvectors of
