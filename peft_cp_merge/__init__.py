@@ -4,6 +4,8 @@ Importing the package registers ``combination_type="cp"`` (and the other registe
 ``add_weighted_adapter``; :func:`unregister` restores PEFT's original method.
 """
 
+from .card import load_recipe
+from .engine import MergedAdapter, merge_adapters
 from .errors import (
     MergeInputError,
     PeftCpMergeError,
@@ -19,6 +21,9 @@ __version__ = "0.1.0"
 register()
 
 __all__ = [
+    "MergedAdapter",
+    "load_recipe",
+    "merge_adapters",
     "add_weighted_adapter_registry",
     "is_registered",
     "register",

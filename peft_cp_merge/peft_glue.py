@@ -89,18 +89,25 @@ def _target_params(layer: LoraLayer, adapter: str) -> tuple[torch.nn.Parameter, 
 
 
 def _merge_layers(model: LoraModel, adapters, weights, method, rank, options) -> dict[str, LoraFactors]:
-    """Merged factors for every LoRA layer holding at least one of ``adapters``; nothing is modified."""
-    merged: dict[str, LoraFactors] = {}
+    """Merged factors for every LoRA layer holding at least one of ``adapters``; nothing is modified.
+
+    All layers go through one :meth:`MergeMethod.merge_batch` call, so batched methods (``cp``) merge the
+    equal-shape layers of a model (all ``q_proj``, all ``k_proj``, ...) together, as the file engine does.
+    """
+    keys, groups, group_weights = [], [], []
     for key, module in model.model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         present = [(get_lora_factors(module, a), w) for a, w in zip(adapters, weights)]
         present = [(f, w) for f, w in present if f is not None]
-        if not present:
-            continue
-        factors = [f for f, _ in present]
-        merged[key] = pad_rank(method(factors, [w for _, w in present], rank=rank, where=key, **options), rank)
-    return merged
+        if present:
+            keys.append(key)
+            groups.append([f for f, _ in present])
+            group_weights.append([w for _, w in present])
+    if not keys:
+        return {}
+    merged = method.merge_batch(groups, group_weights, rank=rank, where=keys, **options)
+    return {key: pad_rank(f, rank) for key, f in zip(keys, merged)}
 
 
 def add_weighted_adapter_registry(

@@ -3,7 +3,7 @@
 Adding a method is one new file here with a function decorated by :func:`merge_method`, imported below.
 """
 
-from . import cp  # noqa: F401  (registers "cp")
+from . import cp, knots, svd, tsv  # noqa: F401  (register "cp", "knots", "svd", "tsv")
 from .registry import (
     LoraFactors,
     MergeMethod,

@@ -1,0 +1,148 @@
+"""``peft-cp-merge``: merge LoRA adapters from folders or Hub repos, and train/merge TC-LoRA adapter libraries.
+
+Examples:
+
+    peft-cp-merge merge user/math-lora user/code-lora ./qa-lora --method cp --rank 16 --out merged
+    peft-cp-merge merge --recipe recipe.yaml                # or the README.md of a merged adapter
+    peft-cp-merge merge a b --method tsv --weights 0.7 0.3 --out merged --push-to-hub me/merged
+    peft-cp-merge methods                                   # the merge methods and their options
+    peft-cp-merge library train --config library.yaml       # see `peft-cp-merge library --help`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from .card import RECIPE_FIELDS, check_recipe, load_recipe
+from .errors import PeftCpMergeError
+
+logger = logging.getLogger("peft_cp_merge")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cp_init=svd), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _add_merge(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="merge LoRA adapters (folders or Hub ids) into one LoRA adapter, without the base model",
+        description="Merge LoRA adapters from local folders or Hub repos into one PEFT LoRA adapter. Every flag "
+        "overrides the same field of --recipe. Fields of a recipe: "
+        + "; ".join(f"{k}: {v}" for k, v in RECIPE_FIELDS.items()) + ".",
+    )
+    p.add_argument("sources", nargs="*", metavar="SRC",
+                   help="adapter folder, or Hub id user/repo[/subfolder][@revision]")
+    p.add_argument("--recipe", help="YAML recipe, or the README.md model card of an adapter merged by this tool")
+    p.add_argument("--method", help="merge method: cp (default), tsv, knots, svd; see `peft-cp-merge methods`")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per source (default 1/T each)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest source rank)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option cp_variant=sign_elect --option cp_n_iter_max=200 "
+                   "(repeatable; values parsed as YAML)")
+    p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the merged adapter to this Hub repo")
+    p.add_argument("--private", action="store_true", default=None, help="create the --push-to-hub repo private")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", help="commit message of the push")
+    p.add_argument("--base-model", help="base model to record, skipping the check that all sources agree")
+    p.add_argument("--device", help="where to compute: cpu (default) or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged factors (default: the sources' dtype)")
+    p.add_argument("--batch-size", type=int, help="at most this many equal-shape modules merged together (32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+
+def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe (if any) with the command-line flags on top."""
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    flags = {
+        "sources": args.sources or None, "method": args.method, "weights": args.weights, "rank": args.rank,
+        "out": args.out, "overwrite": args.overwrite, "push_to_hub": args.push_to_hub,
+        "base_model": args.base_model, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
+    }
+    settings = {**recipe, **{k: v for k, v in flags.items() if v is not None}}
+    settings["options"] = {**recipe.get("options", {}), **dict(args.option)}
+    settings = check_recipe(settings, "merge settings")
+    if not settings.get("sources"):
+        raise PeftCpMergeError("No adapters to merge: give SRC arguments or a --recipe with `sources`.")
+    if not settings.get("out") and not settings.get("push_to_hub"):
+        raise PeftCpMergeError("Nowhere to put the result: pass --out DIR and/or --push-to-hub REPO_ID.")
+    return settings
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine import merge_adapters
+
+    s = merge_settings(args)
+    out = Path(s["out"]) if s.get("out") else None
+    if out is not None and out.exists() and not s.get("overwrite"):
+        raise PeftCpMergeError(f"Output folder {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    merged = merge_adapters(
+        s["sources"], s.get("weights"), s.get("method", "cp"), s.get("rank"), base_model=s.get("base_model"),
+        device=s.get("device"), dtype=s.get("dtype"), batch_size=s.get("batch_size") or 32,
+        progress=not args.no_progress, **s["options"],
+    )
+    if out is not None:
+        merged.save_pretrained(out, overwrite=bool(s.get("overwrite")))
+    url = None
+    if s.get("push_to_hub"):
+        url = merged.push_to_hub(s["push_to_hub"], private=args.private, revision=args.revision,
+                                 commit_message=args.commit_message)
+    r, st = merged.recipe, merged.stats
+    print(f"merged {len(r['sources'])} adapters with {r['method']} at rank {r['rank']}: {st['modules']} modules in "
+          f"{st['seconds']:.2f} s, {st['bytes'] / 1e6:.1f} MB ({r['dtype']})"
+          + (f" -> {out}" if out else "") + (f" -> {url}" if url else ""))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import get_merge_method, list_merge_methods
+
+    for name in list_merge_methods():
+        m = get_merge_method(name)
+        where = "add_weighted_adapter + files" if m.peft_combination_type else "files (PEFT has its own)"
+        print(f"{name:8s} {m.pretty_name} [{where}; rank: {m.rank_option}]")
+        print(f"{'':8s} {m.reference}")
+        for k, v in m.options.items():
+            print(f"{'':8s}   {k} = {v!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .library.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="peft-cp-merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="{merge,methods,library}", required=True)
+    _add_merge(sub)
+    sub.add_parser("methods", help="list the merge methods and their options").set_defaults(func=cmd_methods)
+    add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PeftCpMergeError as e:  # LibraryError included
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``peft-cp-merge library {train,info,merge,push}``.
+
+The top-level CLI calls :func:`add_subcommands`; every sub-command sets ``func`` (``args.func(args) -> int``).
+Standalone (and under ``accelerate launch``)::
+
+    python -m peft_cp_merge.library.cli train --config library.yaml --set num_clusters=4
+    accelerate launch --num_processes 8 -m peft_cp_merge.library.cli train --config library.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import LibraryTrainConfig, parse_overrides
+from .errors import LibraryError
+
+
+def _yaml_value(text: str):
+    return yaml.safe_load(text)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="cluster the data and train one LoRA per cluster (runs unchanged under accelerate launch)",
+        description="Train a TC-LoRA adapter library. Values come from --config (YAML), then --set key=value, then "
+        "the per-field flags below (values parsed as YAML: null, 4, [q_proj, v_proj]).",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML file with LibraryTrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one config field (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    g = p.add_argument_group("config fields (override --config)")
+    for f in dataclasses.fields(LibraryTrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_)
+        elif "list" in str(f.type):
+            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="+", default=argparse.SUPPRESS, help=help_)
+        else:
+            g.add_argument(flag, dest=f"cfg_{f.name}", type=_yaml_value, default=argparse.SUPPRESS, metavar="V",
+                           help=help_)
+    p.set_defaults(func=cmd_train)
+
+
+def config_from_args(args) -> LibraryTrainConfig:
+    overrides = parse_overrides(args.overrides)
+    overrides.update({k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")})
+    for k in ("dataset", "output_dir", "base_model", "embedding_model", "lr_scheduler"):
+        if k in overrides and overrides[k] is not None:
+            overrides[k] = str(overrides[k])  # a name like "2024" or "yes" stays a string
+    return LibraryTrainConfig.from_yaml(args.config, overrides)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def cmd_train(args) -> int:
+    _setup_logging()
+    config = config_from_args(args)
+    if args.print_config:
+        print(config.to_yaml())
+        return 0
+    from .train import train_library
+
+    lib = train_library(config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Library written to {lib.path} ({lib.num_clusters} clusters)\n\n{lib.cluster_table()}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .library import AdapterLibrary
+
+    lib = AdapterLibrary.from_pretrained(args.library, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(lib.meta, indent=2))
+        return 0
+    m = lib.meta
+    t = m.get("training", {})
+    print(f"{lib.path}\n  base model:      {m.get('base_model')}\n  embedding model: {m.get('embedding_model')}"
+          f"\n  status:          {m.get('status')}\n  examples:        {m.get('num_examples')}"
+          f"\n  clusters:        {lib.num_clusters}"
+          f"\n  LoRA:            r={t.get('lora_r')} alpha={t.get('lora_alpha')} "
+          f"targets={t.get('target_modules')}\n  parallel mode:   {t.get('parallel_mode')} on "
+          f"{m.get('num_processes')} process(es)\n")
+    print(lib.cluster_table())
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .library import AdapterLibrary
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LibraryError(f"{out} exists and is not empty. Choose another --out or pass --overwrite.")
+    lib = AdapterLibrary.from_pretrained(args.library, clusters=args.clusters)
+    weights = args.weights
+    if weights is not None:
+        weights = "size" if weights == ["size"] else [float(w) for w in weights]
+    options = parse_overrides(args.option)
+    merged = lib.merge(method=args.method, weights=weights, rank=args.rank, **options)
+    merged.save_pretrained(str(out), overwrite=out.exists())  # existing: empty, or --overwrite
+    print(f"Merged {len(lib.available)} cluster adapters with {args.method!r} into {out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .library import AdapterLibrary
+
+    lib = AdapterLibrary.from_pretrained(args.library)
+    info = lib.push_to_hub(args.repo_id, private=args.private, revision=args.revision,
+                           commit_message=args.commit_message)
+    print(f"Pushed {lib.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def add_library_commands(sub) -> None:
+    """Add train/info/merge/push to an argparse sub-parsers object."""
+    _add_train(sub)
+    p = sub.add_parser("info", help="print a library's summary and cluster table")
+    p.add_argument("library", help="library folder or Hub repo id")
+    p.add_argument("--json", action="store_true", help="print library.json")
+    p.add_argument("--no-verify", action="store_true", help="skip the adapter checksums (e.g. while training)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("merge", help="merge a library's cluster adapters into one adapter (file engine)")
+    p.add_argument("library", help="library folder or Hub repo id")
+    p.add_argument("--out", required=True, help="output folder of the merged PEFT adapter")
+    p.add_argument("--method", default="cp", help="merge method (cp, tsv, knots, svd, ...); default cp")
+    p.add_argument("--rank", type=int, default=None, help="rank of the merged adapter (method default if omitted)")
+    p.add_argument("--weights", nargs="+", default=None,
+                   help="one weight per cluster, or 'size' (weights proportional to cluster sizes)")
+    p.add_argument("--clusters", nargs="+", type=int, default=None, help="merge only these clusters")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="merge-method option, e.g. --option cp_init=svd (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("push", help="upload a library to the Hub in one commit")
+    p.add_argument("library", help="library folder")
+    p.add_argument("repo_id", help="Hub repo id (user/name); created if missing")
+    p.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--commit-message", default=None)
+    p.set_defaults(func=cmd_push)
+
+
+def add_subcommands(subparsers) -> argparse.ArgumentParser:
+    """Add ``library`` (with train/info/merge/push) to the top-level CLI's sub-parsers."""
+    p = subparsers.add_parser("library", help="TC-LoRA adapter libraries: train, info, merge, push",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="library_command", metavar="{train,info,merge,push}", required=True)
+    add_library_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peft_cp_merge.library.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="library_command", metavar="{train,info,merge,push}", required=True)
+    add_library_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LibraryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

