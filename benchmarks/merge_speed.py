@@ -80,7 +80,7 @@ def child(method: str, sources: list[str], rank: int) -> None:
     merged = peft_cp_merge.merge_adapters(sources, method=method, rank=rank, progress=False)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    n_modules = len({k.rsplit(".lora_", 1)[0] for k in merged.state_dict})
+    n_modules = merged.stats["modules"]
     print(json.dumps({"method": method, "seconds": seconds, "peak_rss": peak, "base_rss": base_rss,
                       "modules": n_modules}))
 
@@ -176,7 +176,8 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_ylabel("seconds, whole model")
     axes[0].set_title(f"{results['setup']['adapters']} adapters, rank {results['setup']['rank']}")
     axes[0].tick_params(axis="x", rotation=45)
-    for ax, key, label in zip(axes[1:], ["adapters", "rank", "hidden"], ["number of adapters", "LoRA rank", "hidden size"]):
+    sweeps = [("adapters", "number of adapters"), ("rank", "LoRA rank"), ("hidden", "hidden size")]
+    for ax, (key, label) in zip(axes[1:], sweeps):
         pts = [p for p in results["scaling"] if p["sweep"] == key]
         ax.plot([p[key] for p in pts], [p["seconds_per_module"] * 1000 for p in pts], "o-")
         ax.set_xscale("log", base=2)
@@ -256,7 +257,8 @@ def main(argv=None) -> dict:
     results = {
         "setup": {"adapters": args.adapters, "rank": args.rank, "layers": args.layers, "shapes": "Mistral-7B",
                   "adapter_bytes": adapter_bytes, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                  "torch": torch.__version__, "command": " ".join(["python", "benchmarks/merge_speed.py", *(argv or sys.argv[1:])])},
+                  "torch": torch.__version__,
+                  "command": " ".join(["python", "benchmarks/merge_speed.py", *(argv or sys.argv[1:])])},
         "merge_adapters": ours, "peers_per_module": peers, "whole_model": whole, "scaling": sweeps,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,9 @@ Official code: ``gstoica27/KnOTS`` (``task_merger.py`` ``SVDMerger``, ``masking_
 - Output rank: the official merge is not rank-limited (rank <= sum r_t); here it is truncated to ``svd_rank``
   (default: the largest adapter rank). Pass ``svd_rank=sum r_t`` for the untruncated result.
 - Not offered: ``merging_type`` ``"sum"`` / ``"max"``, DARE pruning, ``concat_across_output=False``.
+- Singular vector signs follow sklearn's ``svd_flip`` convention (largest-magnitude entry of each U column
+  positive); the official code keeps whatever ``torch.linalg.svd`` returns. This only matters where the sign vote
+  ties exactly (``"frequency"`` with pruning), where TIES is not invariant to flipping a singular pair.
 - The decomposition uses the scaled updates ``s_t B_t A_t`` in the LoRA factors' (out x in) orientation (also for
   Embedding and ``fan_in_fan_out`` layers); the 1e-5 threshold applies to those.
 """
@@ -73,8 +76,10 @@ def _validate(opts: Mapping[str, Any]) -> None:
 def knots_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``(U, S, [M_1 .. M_T])`` of ``[X_1 .. X_T] = U S [V_1 .. V_T]``, ``M_t = diag(S) V_t`` (K x in).
 
-    Singular values ``<= 1e-5`` are dropped (K of them kept). ``U`` and the ``M_t`` are in the factors' dtype, the
-    small SVD in float64.
+    Singular values ``<= 1e-5`` are dropped (K of them kept). Each singular pair's sign is fixed so that the
+    largest-magnitude entry of its U column is positive (TIES is not sign-equivariant where the sign vote ties, as
+    with ``majority_sign_method="frequency"`` and pruning, so the result must not depend on the SVD routine's
+    signs). ``U`` and the ``M_t`` are in the factors' dtype, the small SVD in float64.
     """
     Bs = torch.cat([f.B for f in factors], dim=1)
     Q, R = torch.linalg.qr(Bs)  # (out, k1), (k1, S)
@@ -86,11 +91,15 @@ def knots_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor,
     W, S, _ = torch.linalg.svd(torch.cat(blocks, dim=1).double(), full_matrices=False)
     keep = S > SV_THRESHOLD
     W, S = W[:, keep].to(Bs.dtype), S[keep].to(Bs.dtype)
+    U = Q @ W
+    if U.shape[1]:  # sign convention of sklearn's svd_flip: each column's largest-magnitude entry is positive
+        flip = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))[0]
+        U, W = U * flip, W * flip
     coords, start = [], 0
     for f in factors:
         coords.append((W.T @ R[:, start : start + f.rank]) @ (f.scaling * f.A))
         start += f.rank
-    return Q @ W, S, coords
+    return U, S, coords
 
 
 def ties_merge(tasks: list[torch.Tensor], weights: torch.Tensor, density: float, majority_sign_method: str):
