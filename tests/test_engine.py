@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _hub import fake_hf_api
 from _models import delta_matrix, inputs, make_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
@@ -247,41 +248,20 @@ def test_hub_ids_from_a_prepopulated_cache_offline(saved, tmp_path):
 
 
 def test_push_to_hub_at_the_hfapi_boundary(saved, monkeypatch):
-    import huggingface_hub
-
     _, paths = saved
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            calls.append(("init", token))
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw))
-
-        def create_branch(self, repo_id, **kw):
-            calls.append(("create_branch", repo_id, kw))
-
-        def upload_folder(self, **kw):
-            files = sorted(os.listdir(kw["folder_path"]))
-            calls.append(("upload_folder", kw["repo_id"], kw["revision"], kw["commit_message"], files))
-
-            class Info:
-                commit_url = "https://hub/me/merged/commit/1"
-
-            return Info()
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    calls = fake_hf_api(monkeypatch, "https://hub/me/merged/commit/1")
     merged = merge_adapters(paths, W, rank=3, progress=False)
     url = merged.push_to_hub("me/merged", private=True, revision="v1", commit_message="merge it", token="tok")
     assert url == "https://hub/me/merged/commit/1"
-    assert calls == [
+    assert calls[:3] == [
         ("init", "tok"),
         ("create_repo", "me/merged", {"private": True, "exist_ok": True}),
         ("create_branch", "me/merged", {"branch": "v1", "exist_ok": True}),
-        ("upload_folder", "me/merged", "v1", "merge it",
-         ["README.md", "adapter_config.json", "adapter_model.safetensors"]),
     ]
+    (kind, up), = calls[3:]
+    assert kind == "upload_folder"
+    assert (up["repo_id"], up["revision"], up["commit_message"]) == ("me/merged", "v1", "merge it")
+    assert up["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 # --- bad input: clear error, nothing written -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from _hub import fake_hf_api
 from safetensors.torch import load_file
 from test_library_common import make_rows, make_tiny_model, run_cli, tiny_config, write_jsonl
 
@@ -241,25 +242,7 @@ def test_from_hub_cache_offline_one_cluster(ref, tiny, tmp_path):
 
 
 def test_push_is_one_commit_at_the_hfapi_boundary(ref, monkeypatch):
-    import huggingface_hub
-
-    calls = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            calls.append(("init", token))
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw))
-
-        def create_branch(self, repo_id, **kw):
-            calls.append(("create_branch", repo_id, kw))
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw))
-            return "https://hub/commit/1"
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    calls = fake_hf_api(monkeypatch)
     assert ref.push_to_hub("me/lib", private=True, commit_message="v1") == "https://hub/commit/1"
     assert [c[0] for c in calls] == ["init", "create_repo", "upload_folder"]
     assert calls[1][1:] == ("me/lib", {"private": True, "exist_ok": True, "repo_type": "model"})
@@ -280,10 +263,7 @@ def test_cli_info(ref, capsys):
 
 
 def test_merge_through_the_file_engine(ref, tmp_path):
-    import peft_cp_merge
 
-    if not hasattr(peft_cp_merge, "merge_adapters"):
-        pytest.skip("the adapter-file engine (peft_cp_merge.merge_adapters) is not in this checkout yet")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,249 @@
+"""quality.md (tables) and quality.png (per-task bars per method) from the benchmark's JSON record."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from peft_cp_merge._io import atomic_write_text
+
+REFERENCE_ROWS = ("base model", "own adapter", "joint adapter")
+
+
+def _fmt(ms: list[float], n_seeds: int) -> str:
+    m, s = ms
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "–"
+    return f"{m:.3f}" if n_seeds <= 1 else f"{m:.3f} ± {s:.3f}"
+
+
+def _lambda_cell(data: dict, label: str) -> str:
+    runs = data["merge_runs"].get(label)
+    if not runs:
+        return ""
+    lams = [runs[s]["lambda"] for s in sorted(runs, key=int)]
+    if all(x is None for x in lams):
+        return "n/a (weights ignored)"
+    return ", ".join(f"{x:g}" for x in lams)
+
+
+def _table(data: dict, rows: list[str], summary: dict, extra: dict[str, str] | None = None,
+           rank_of: dict[str, str] | None = None) -> list[str]:
+    tasks = data["tasks"]
+    head = ["", "out rank", "seeds", *tasks, "mean", "normalized"] + (["lambda (per seed)"] if extra else [])
+    sep = "|---|---:|---:|" + "---:|" * (len(tasks) + 2) + ("---|" if extra else "")
+    lines = ["| " + " | ".join(head) + " |", sep]
+    for label in rows:
+        if label not in summary:
+            continue
+        sm = summary[label]
+        seeds_n = len(sm["seeds"])
+        cells = [f"**{label}**" if label in REFERENCE_ROWS else label, (rank_of or {}).get(label, ""), str(seeds_n)]
+        cells += [_fmt(sm["per_task"][t], seeds_n) for t in tasks]
+        cells += [_fmt(sm["mean"], seeds_n), _fmt(sm["normalized"], seeds_n)]
+        if extra is not None:
+            cells.append(extra.get(label, ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _tc_summary(data: dict, seeds: list[str]) -> dict[str, Any]:
+    """Summaries restricted to the TC-LoRA seeds (so per-task merges and TC rows compare on the same seeds)."""
+    from benchmarks.quality.run import _summary
+
+    own = {int(s): v for s, v in data["results"]["own adapter"].items() if s in seeds}
+    out = {}
+    for label, per_seed in data["results"].items():
+        sub = {int(s): v for s, v in per_seed.items() if s in seeds}
+        if sub:
+            out[label] = _summary(sub, own, data["tasks"])
+    return out
+
+
+def write_markdown(data: dict, path: Path) -> None:
+    tasks, seeds = data["tasks"], data["seeds"]
+    n = len(seeds)
+    if not seeds:
+        return
+    proto, cfg, d = data["protocol"], data["adapter_config"], data["data"]
+    summary = data["summary"]
+    wall = data["wall_seconds"]
+    lines = [
+        f"# Merge quality on a real LM: {data['model']}",
+        "",
+        f"Status: **{data['status']}**{' (quick mode)' if data['quick'] else ''}. Generated {data['created']} by "
+        f"`{data['command']}` on {data['device']} ({data['torch_threads']} torch threads, {data['cpu_count']} CPUs); "
+        f"total wall time {wall.get('total', 0) / 60:.1f} min.",
+        "",
+        f"**Setup.** {len(tasks)} procedural tasks from `peft_cp_merge.tasks` ({', '.join(tasks)}); "
+        f"{d['n_train']} train / {d['n_val']} validation / {d['n_test']} test prompts per task (hash-based splits, "
+        f"data seed {d['data_seed']}). One LoRA per task: r={cfg['rank']}, alpha={cfg['alpha']:g}, modules "
+        f"{', '.join(cfg['target_modules'])}, {cfg['steps']} steps of batch {cfg['batch_size']}, lr {cfg['lr']:g} "
+        f"(AdamW, {cfg['warmup_steps']} warm-up steps, linear decay, clip 1.0), max length {cfg['max_length']}. "
+        f"Seeds {seeds} (adapter init, data order, DARE's random drop; data and splits fixed). The joint adapter "
+        f"(all tasks' data, {cfg['joint_steps']} steps = the per-task adapters' total) and the TC-LoRA libraries "
+        f"are trained on seed(s) {proto['ref_seeds']} only, to fit the CPU budget. Merges: `add_weighted_adapter` "
+        f"with weights lambda/T, lambda from the grid {proto['lambda_grid']} by {proto['lambda_search']}; density "
+        f"{proto['density']:g} for ties_svd, dare_ties_svd, magnitude_prune_svd and knots; PEFT's svd types with "
+        f"`svd_full_matrices=False` (same truncated result, less work). Evaluation of merges: "
+        f"{proto['merge_evaluation']}. Metric: exact match (teacher-forced, equals greedy decoding; checked "
+        f"below), mean ± {proto['std']}; normalized = {proto['normalized']}.",
+        "",
+        "## Per-task adapters merged (test split)",
+        "",
+    ]
+    rank_of = {m["label"]: str(m["out_rank"]) for m in data["methods"]}
+    rank_of.update({"own adapter": str(cfg["rank"]), "joint adapter": str(cfg["rank"])})
+    rows = list(REFERENCE_ROWS) + [m["label"] for m in data["methods"]]
+    extra = {label: _lambda_cell(data, label) for label in rows}
+    lines += _table(data, rows, summary, extra, rank_of)
+    lines += [""]
+    ranked = sorted((m["label"] for m in data["methods"] if m["label"] in summary),
+                    key=lambda label: -summary[label]["mean"][0])
+    if ranked:
+        lines += ["Merges ranked by mean test exact match: " + "; ".join(
+            f"{i + 1}. {label} ({summary[label]['mean'][0]:.3f})" for i, label in enumerate(ranked)) + "."]
+        lines += [""]
+
+    tc = data.get("tc_lora", {})
+    if tc.get("runs"):
+        tc_seeds = sorted(tc["runs"], key=int)
+        lines += [f"## TC-LoRA pipeline (seed{'s' if len(tc_seeds) > 1 else ''} {', '.join(tc_seeds)})", "",
+                  "The pooled training data of all tasks, clustered by the library trainer (all-MiniLM-L6-v2 "
+                  "prompt embeddings, KMeans), one LoRA per cluster with the same config; each library trains "
+                  f"{cfg['steps']} x T = {cfg['steps'] * len(tasks)} steps in total, split evenly over its clusters. "
+                  "Cluster adapters merged with weights lambda/k (same lambda search). "
+                  f"The TC-LoRA part runs on {len(tc_seeds)} of the {n} seeds to fit the CPU budget; the per-task "
+                  "rows below are restricted to the same seed(s) (lambda: the per-task merges' lambda of that seed; "
+                  "TC merges search their own).", "",
+                  "| k | clusters | steps per cluster | cluster sizes | purity | NMI | train (s) |",
+                  "|---:|---:|---:|---|---:|---:|---:|"]
+        for s in tc_seeds:
+            for k, run in sorted(tc["runs"][s].items(), key=lambda kv: int(kv[0])):
+                i = run["info"]
+                lines.append(f"| {k} | {i['num_clusters']} | {i['steps_per_cluster']} | {i['cluster_sizes']} | "
+                             f"{i['purity']:.3f} | {i['nmi']:.3f} | {i['seconds']:.0f} |")
+        lines += [""]
+        sub = _tc_summary(data, tc_seeds)
+        tc_rows = ["joint adapter", "own adapter"]
+        tc_rows += [label for label in sub if label.startswith("TC ")]
+        merged = sorted({label.split(": ", 1)[1] for label in sub if label.startswith("TC ") and "routed" not in
+                         label})
+        tc_rows[2:2] = [label for label in merged if label in sub]
+        tc_extra = {}
+        for s in tc_seeds:
+            for k, run in tc["runs"][s].items():
+                for label, m in run["merges"].items():
+                    lam = m["lambda"]
+                    tc_extra.setdefault(f"TC k={k}: {label}", []).append("n/a" if lam is None else f"{lam:g}")
+        extra = {label: _lambda_cell(data, label) for label in merged}
+        extra.update({k: ", ".join(v) for k, v in tc_extra.items()})
+        rank_tc = {**rank_of, **{label: rank_of.get(label.split(": ", 1)[1], "") for label in sub
+                                 if label.startswith("TC ")}}
+        lines += _table(data, tc_rows, sub, extra, rank_tc)
+        lines += ["", "Rows: per-task adapters merged (`<method> R=<rank>`), TC-LoRA cluster adapters merged "
+                  "(`TC k=<k>: <method>`), and the library used as a router (`routed cluster adapter`: each test "
+                  "prompt answered by the adapter of its nearest centroid; not a merge, a reference).", ""]
+
+    lines += ["## Lambda search (validation mean exact match, first seed)", "",
+              "| merge | linear in lambda? | " + " | ".join(f"lambda={x:g}" for x in proto["lambda_grid"]) + " |",
+              "|---|---|" + "---:|" * len(proto["lambda_grid"])]
+    for label, runs in data["merge_runs"].items():
+        first = runs.get(str(seeds[0]))
+        if not first or not first.get("val_curve"):
+            continue
+        lin = data["linearity"].get(label, {})
+        curve = first["val_curve"]
+        err = lin.get("rel_err")
+        how = f"{lin.get('mode', '?')} ({err:.1e})" if err is not None else f"{lin.get('mode', '?')} (by construction)"
+        lines.append(f"| {label} | {how} | " + " | ".join(
+            f"{curve[str(float(x))]['mean']:.3f}" if str(float(x)) in curve else "" for x in proto["lambda_grid"])
+            + " |")
+    lines += ["", "`linear`: a real merge at the largest lambda equals lambda x the merge at lambda=1 (relative "
+              "error in parentheses), so the validation curve scales the lambda=1 merge; `ignored`: the weights "
+              "do not change the merge (cp/authors), evaluated once; `nonlinear` methods would get a real merge per "
+              "lambda. Test numbers of linear methods are the lambda=1 merge with its LoRA scaling multiplied by the "
+              "chosen lambda, which equals the real merge at that lambda to the relative error shown.", ""]
+
+    checks = data.get("generate_check") or []
+    lines += ["## Checks and notes", ""]
+    sl = data.get("svd_slice_check")
+    if sl:
+        lines.append(f"- {sl['compared']}: relative error {sl['rel_err']:.1e}.")
+    lin = data.get("linearity", {})
+    if lin:
+        worst = max((v.get("rel_err") or 0.0 for v in lin.values() if v.get("mode") == "linear"), default=0.0)
+        unchecked = [k for k, v in lin.items() if v.get("mode") == "linear" and v.get("rel_err") is None]
+        other = [f"{k}: {v['mode']}" for k, v in lin.items() if v.get("mode") != "linear"]
+        lines.append(f"- Linearity in the weights' scale (real merge at lambda={max(proto['lambda_grid']):g} vs "
+                     f"scaled lambda=1 merge): largest relative error among linear methods {worst:.1e}"
+                     + (f"; not linear: {', '.join(other)}" if other else "")
+                     + ("; not checked in this run (PEFT's pruning merges, linear by construction; checked by "
+                        f"`--quick`): {', '.join(unchecked)}" if unchecked else "") + ".")
+    if checks:
+        agree = sum(c["agree"] for c in checks)
+        total = sum(c["checked"] for c in checks)
+        hits = sum(c["hits"] for c in checks)
+        lines.append(f"- Teacher-forced exact match vs `model.generate` (greedy) on {total} test prompts (own "
+                     f"adapters and the cp/weighted merge, first seed): {agree}/{total} verdicts agree "
+                     f"({hits} exact hits among them).")
+    for s in data.get("skipped_methods", []):
+        lines.append(f"- Skipped `{s['method']}`: {s['reason']}.")
+    lines.append("- `cp/authors` ignores the weights (the TC-LoRA authors' merge: task factor dropped), so it has "
+                 "no lambda; it is reported as is.")
+    lines.append("- `cat` has output rank T x r; `linear` (PEFT) adds the A and B factors separately (rank r), "
+                 "which is not the weighted sum of the updates.")
+    lines += ["", "## Wall times (seconds)", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in data["wall_seconds"].items()]
+    lines += ["", "Package versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()) + ".", ""]
+    atomic_write_text(path, "\n".join(lines))
+
+
+def write_plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    summary, tasks = data["summary"], data["tasks"]
+    r = data["adapter_config"]["rank"]
+    bars = [x for x in REFERENCE_ROWS if x in summary]
+    bars += [m["label"] for m in data["methods"] if m["label"] in summary and m["out_rank"] in (r, None)
+             or m["method"] == "cat"]
+    bars = [b for b in dict.fromkeys(bars) if b in summary]
+    all_rows = [label for label in summary]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 1.3 * len(tasks) + 4), 5 + 0.28 * len(all_rows) + 4),
+                                   gridspec_kw={"height_ratios": [5, 0.28 * len(all_rows) + 1]})
+    cmap = plt.get_cmap("tab20")
+    x = np.arange(len(tasks) + 1)
+    width = 0.85 / max(len(bars), 1)
+    for i, label in enumerate(bars):
+        sm = summary[label]
+        means = [sm["per_task"][t][0] for t in tasks] + [sm["mean"][0]]
+        stds = [sm["per_task"][t][1] for t in tasks] + [sm["mean"][1]]
+        ax1.bar(x - 0.425 + (i + 0.5) * width, means, width, yerr=stds if len(data["seeds"]) > 1 else None,
+                label=label, color=cmap(i % 20), capsize=1.5, error_kw={"elinewidth": 0.6})
+    ax1.set_xticks(x, [*tasks, "mean"])
+    ax1.set_ylabel("exact match (test)")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title(f"Per-task exact match: references and merges at output rank r={r} "
+                  f"(mean ± std over {len(data['seeds'])} seed(s))")
+    ax1.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    means = [summary[label]["mean"][0] for label in all_rows]
+    stds = [summary[label]["mean"][1] for label in all_rows]
+    y = np.arange(len(all_rows))
+    colors = ["0.4" if label in REFERENCE_ROWS else "tab:red" if label.startswith(("cp/", "TC")) and "cp/" in label
+              else "tab:blue" for label in all_rows]
+    ax2.barh(y, means, xerr=stds if len(data["seeds"]) > 1 else None, color=colors, capsize=2)
+    ax2.set_yticks(y, all_rows, fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set_xlim(0, 1)
+    ax2.set_xlabel("mean exact match over tasks (test)")
+    ax2.set_title("Every row: mean over tasks (grey: references, red: CP merges)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+    plt.close(fig)

