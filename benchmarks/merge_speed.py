@@ -1,13 +1,13 @@
 """Merge speed and memory: whole-model merges from adapter files, against PEFT's `svd` and dense tensorly CP.
 
-    python benchmarks/merge_speed.py            # 10 rank-16 adapters with Mistral-7B shapes (~15 min on 2 cores)
+    python benchmarks/merge_speed.py            # 10 rank-16 adapters with Mistral-7B shapes (~5 min on 2 cores)
     python benchmarks/merge_speed.py --quick    # 2 layers, fewer peers and scaling points (~2 min)
 
 1. Writes 10 real PEFT adapter folders (random factors) with Mistral-7B shapes: 32 layers x q,k,v,o,gate,up,down.
 2. Times `merge_adapters` for `cp`, `tsv`, `knots`, `svd` (each in a fresh subprocess, with its peak RSS).
-3. Times PEFT's own `add_weighted_adapter(combination_type="svd")` (dense delta + full SVD) and dense tensorly
-   `parafac` on the full T x out x in tensor, on one module of each shape, and extrapolates to the whole model
-   (dense CP from a few ALS iterations to the 100 that `cp` runs at most).
+3. Times PEFT's own `add_weighted_adapter(combination_type="svd")` (dense delta + full SVD) on one module of each
+   shape up to 4096 wide, and dense tensorly `parafac` on the full T x out x in tensor of the 1024 x 4096 module,
+   and extrapolates both to the whole model (dense CP from a few ALS iterations to the 100 that `cp` runs at most).
 4. Measures how `cp`'s per-module time grows with the number of adapters, the LoRA rank and the hidden size.
 Writes `benchmarks/results/merge_speed.{md,json,png}` and prints the table.
 """
@@ -129,14 +129,15 @@ def peft_svd_seconds(factors, shape, rank: int, scaling: float) -> float:
 
 
 def dense_cp_seconds_per_iter(factors, scaling: float, rank: int, iters: int) -> float:
-    """Dense tensorly `parafac` on the full T x out x in tensor (float32, SVD init), seconds per ALS iteration."""
+    """Dense tensorly `parafac` on the full T x out x in tensor (float32), seconds per ALS iteration. The start is
+    random: an SVD start would add full SVDs of the out x (T in) unfoldings (minutes at 4096) on top of the ALS."""
     import tensorly as tl
     from tensorly.decomposition import parafac
 
     X = torch.stack([scaling * B @ A for A, B in factors])
     with tl.backend_context("pytorch"):
         start = time.perf_counter()
-        parafac(X, rank, init="svd", n_iter_max=iters, tol=0)
+        parafac(X, rank, init="random", random_state=0, n_iter_max=iters, tol=0)
         seconds = time.perf_counter() - start
     return seconds / iters
 
@@ -184,7 +185,9 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("cp ms per module")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
 
 
 def main(argv=None) -> dict:
@@ -216,34 +219,41 @@ def main(argv=None) -> dict:
     shapes = {}
     for name, shape in MISTRAL.items():
         shapes.setdefault(shape, []).append(name)
-    peer_shapes = [s for s in shapes if max(s) <= 4096] if args.quick else list(shapes)
+    # Peers are timed on the shapes up to 4096 wide; the 14336-wide MLP modules are extrapolated (below), because
+    # PEFT's dense full-matrices SVD and the dense 10 x 14336 x 4096 tensor take many minutes each on 2 cores.
+    peer_shapes = [s for s in shapes if max(s) <= 4096]
     peers = {}
     for shape in peer_shapes:
         factors = load_module(sources, f"base_model.model.model.layers.0.{shapes[shape][0]}")
         entry = {"peft_svd": peft_svd_seconds(factors, shape, args.rank, scaling)}
-        if max(shape) <= 4096:  # the dense tensor of a 14336-wide module (10 x 14336 x 4096) does not fit well
+        if min(shape) <= 1024:  # the smallest dense tensor; ALS cost is linear in the number of elements
             entry["dense_cp_per_iter"] = dense_cp_seconds_per_iter(factors, scaling, args.rank, args.dense_cp_iters)
         peers[f"{shape[0]}x{shape[1]}"] = entry
         logger.info("peers on %s: %s", shape, entry)
 
-    def per_model(key: str) -> float | None:
+    def per_model(key: str, cost) -> float | None:
+        """Whole-model seconds: measured shapes as measured, the others scaled from the largest measured shape by
+        ``cost(out, in)``."""
+        measured = [(s, peers[f"{s[0]}x{s[1]}"][key]) for s in shapes if key in peers.get(f"{s[0]}x{s[1]}", {})]
+        if not measured:
+            return None
+        ref_shape, ref_sec = max(measured, key=lambda m: m[0][0] * m[0][1])
         total = 0.0
         for shape, names in shapes.items():
             e = peers.get(f"{shape[0]}x{shape[1]}", {})
-            if key not in e:
-                return None
-            total += e[key] * len(names) * args.layers
+            sec = e[key] if key in e else ref_sec * cost(*shape) / cost(*ref_shape)
+            total += sec * len(names) * args.layers
         return total
 
     whole = {f"{m} (merge_adapters)": r["seconds"] for m, r in ours.items()}
-    if per_model("peft_svd") is not None:
-        whole["PEFT svd (peer, extrapolated)"] = per_model("peft_svd")
-    # dense CP: the 14336-wide shapes are extrapolated by element count from the 4096 x 4096 module
-    if "4096x4096" in peers and "dense_cp_per_iter" in peers["4096x4096"]:
-        per_elem = peers["4096x4096"]["dense_cp_per_iter"] / (4096 * 4096)
-        whole["dense tensorly CP, 100 iters (peer, extrapolated)"] = 100 * sum(
-            per_elem * s[0] * s[1] * len(n) * args.layers for s, n in shapes.items()
-        )
+    # PEFT svd: dense delta + SVD, scaled by out * in * min(out, in) (a lower bound for PEFT's default
+    # full_matrices=True, whose cost grows with max(out, in)^2 * min(out, in)); dense CP: by element count
+    peft = per_model("peft_svd", lambda o, i: o * i * min(o, i))
+    if peft is not None:
+        whole["PEFT svd (peer, extrapolated)"] = peft
+    dense = per_model("dense_cp_per_iter", lambda o, i: o * i)
+    if dense is not None:
+        whole["dense tensorly CP, 100 iters (peer, extrapolated)"] = 100 * dense
 
     sweeps = []
     T_pts = [2, 4, 8, 16, 32] if not args.quick else [2, 8]
@@ -263,10 +273,12 @@ def main(argv=None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "merge_speed_quick" if args.quick else "merge_speed"
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    from peft_cp_merge._io import atomic_write_text
+
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(results, indent=2))
     plot(results, args.out / f"{stem}.png")
     md = render(results)
-    (args.out / f"{stem}.md").write_text(md)
+    atomic_write_text(args.out / f"{stem}.md", md)
     print(md)
     return results
 

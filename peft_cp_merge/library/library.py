@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, default_mode
 from .cluster import Routing, route_embeddings
 from .errors import LibraryError, LibraryExistsError, LibraryFormatError
 
@@ -248,6 +248,7 @@ class AdapterLibrary:
                 shutil.copytree(self.path / cluster_dirname(i), tmp / cluster_dirname(i))
             atomic_write_json(tmp / LIBRARY_FILE, meta)
             atomic_write_text(tmp / CARD_FILE, render_card(meta))
+            default_mode(tmp, folder=True)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text, now, package_versions
+from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text, default_mode, now, package_versions
 from .cluster import Clustering, cluster_embeddings, plot_clusters
 from .config import NOT_FINGERPRINTED, LibraryTrainConfig
 from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
@@ -501,6 +501,7 @@ def _save_cluster(peft_model, name: str, out: Path, stats: dict[str, Any], base_
         state = {"sha256": sha, **{k: v for k, v in stats.items() if k != "losses"}, "losses": stats["losses"],
                  "finished": now()}
         atomic_write_json(folder / STATE_FILE, state)
+        default_mode(folder, folder=True)
         dest = out / name
         if dest.exists():
             shutil.rmtree(dest)
