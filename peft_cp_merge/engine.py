@@ -370,26 +370,32 @@ def merge_adapters(
     configs = [s.config for s in srcs]
     default_rank = max(max([c.r, *c.rank_pattern.values()]) for c in configs)
 
-    with contextlib.ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(s.weights_file), framework="pt", device="cpu")) for s in srcs]
-        index = index_modules(srcs, handles)
-        for name, entries in index.items():
-            _check_shapes(name, entries, srcs)
-        default_rank = max(default_rank, *(e.a_shape[0] for es in index.values() for e in es))
-        rank = default_rank if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise MergeInputError(f"rank must be a positive integer, got {rank!r}; e.g. rank={default_rank}.")
+    def open_all(stack: contextlib.ExitStack) -> list:
+        return [stack.enter_context(safe_open(str(s.weights_file), framework="pt", device="cpu")) for s in srcs]
 
-        batches: dict[tuple, list[str]] = {}
-        for name, entries in index.items():
-            batches.setdefault(_signature(entries), []).append(name)
-        tensors: dict[str, torch.Tensor] = {}
-        bar = tqdm(total=len(index), desc=f"merge ({method})", unit="module", disable=not progress)
-        src_dtype = None
-        for names in batches.values():
-            for i in range(0, len(names), batch_size):
-                chunk = names[i: i + batch_size]
-                groups, wts = [], []
+    with contextlib.ExitStack() as stack:
+        index = index_modules(srcs, open_all(stack))
+    for name, entries in index.items():
+        _check_shapes(name, entries, srcs)
+    default_rank = max(default_rank, *(e.a_shape[0] for es in index.values() for e in es))
+    rank = default_rank if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MergeInputError(f"rank must be a positive integer, got {rank!r}; e.g. rank={default_rank}.")
+
+    batches: dict[tuple, list[str]] = {}
+    for name, entries in index.items():
+        batches.setdefault(_signature(entries), []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(index), desc=f"merge ({method})", unit="module", disable=not progress)
+    src_dtype = None
+    for names in batches.values():
+        for i in range(0, len(names), batch_size):
+            chunk = names[i: i + batch_size]
+            groups, wts = [], []
+            # the files are memory-mapped: reopening them per batch unmaps the pages read so far, so resident
+            # memory stays at about one batch of factors instead of growing to every adapter's bytes
+            with contextlib.ExitStack() as stack:
+                handles = open_all(stack)
                 for name in chunk:
                     group = []
                     for e in index[name]:
@@ -399,15 +405,16 @@ def merge_adapters(
                         group.append(LoraFactors(A.flatten(1).to(device), B.flatten(1).to(device), e.scaling))
                     groups.append(group)
                     wts.append([weights[e.source] for e in index[name]])
-                merged = m.merge_batch(groups, wts, rank=rank, where=chunk, **resolved)
-                for name, f in zip(chunk, merged):
-                    f = pad_rank(f, rank)
-                    e = index[name][0]
-                    dt = out_dtype or f.A.dtype
-                    tensors[e.a_key] = f.A.reshape(rank, *e.a_shape[1:]).to("cpu", dt)
-                    tensors[e.b_key] = f.B.reshape(e.b_shape[0], rank, *e.b_shape[2:]).to("cpu", dt)
-                bar.update(len(chunk))
-        bar.close()
+            merged = m.merge_batch(groups, wts, rank=rank, where=chunk, **resolved)
+            del groups
+            for name, f in zip(chunk, merged):
+                f = pad_rank(f, rank)
+                e = index[name][0]
+                dt = out_dtype or f.A.dtype
+                tensors[e.a_key] = f.A.reshape(rank, *e.a_shape[1:]).to("cpu", dt)
+                tensors[e.b_key] = f.B.reshape(e.b_shape[0], rank, *e.b_shape[2:]).to("cpu", dt)
+            bar.update(len(chunk))
+    bar.close()
 
     config = merged_config(configs, rank)
     config.base_model_name_or_path = base_model

@@ -1,19 +1,21 @@
 """CP merge: a joint Canonical Polyadic decomposition of the stacked task updates (TC-LoRA, CP Merging).
 
-Per module, the task updates ``X_t = s_t B_t A_t`` (out x in) stack into a T x out x in tensor X. X lies in
-``span(B) x span(A^T)``, so it is never built: with ``Q_B = orth([B_1 .. B_T])`` (out x K_B) and
-``Q_A = orth([A_1^T .. A_T^T])`` (in x K_A), ``X = G x_2 Q_B x_3 Q_A`` exactly, where the core is
-``G_t = s_t (Q_B^T B_t)(A_t Q_A)`` (K_B x K_A, K <= sum r_t). CP-ALS (tensorly ``parafac``, pytorch backend) on G,
+Per module, the task updates ``X_t = s_t B_t A_t`` (out x in) stack into a T x out x in tensor X, which is never
+built. Every CP-ALS iterate of X lies in the span of the LoRA factors: the mode-1 factor update is
+``sum_t X_t V diag(C_t) (...)^{-1} = sum_t B_t [s_t (A_t V) diag(C_t) (...)^{-1}]``, a combination of the columns of
+``[B_1 .. B_T]``, and likewise for mode 2 with the rows of the ``A_t``. So the factors are kept as coordinates,
 
-    G ~ [[lambda; C, U~, V~]],  C: T x R (task loadings), U~: K_B x R, V~: K_A x R,
+    U = [B_1 .. B_T] U~,   V = [s_1 A_1; ..; s_T A_T]^T V~        (U~, V~: (T r) x R),
 
-lifted back with ``U = Q_B U~`` and ``V = Q_A V~``, is CP-ALS on X with the same iterates (Q_B, Q_A orthonormal),
-so with ``init="svd"`` it equals dense ``parafac(X)`` to float precision (the tests check this against tensorly).
+and an iteration only needs the Gram matrices ``W_B = [B_t]^T [B_t]`` and ``W_A = [s_t A_t] [s_t A_t]^T``
+((T r) x (T r)): ``A_t V = (W_A V~)_t``, ``U^T U = U~^T W_B U~``, and so on. These are exactly tensorly's ``parafac``
+iterates on X (same update order, normal equations, ``abs_rec_error`` stopping rule, ``normalize_factors=False``),
+at two (T r)^2 x R products per iteration whatever the layer size, for a whole *batch* of equal-shape modules (all
+the q_proj, k_proj, ... of a model) at once. ``init="svd"`` is tensorly's (leading singular vectors of each
+unfolding, ``svd_flip`` signs) computed from one (T r) x (T r) eigenproblem per mode, so the merge equals dense
+``parafac(X, init="svd")`` to float precision (the tests check this against tensorly). ``init="random"`` draws
+tensorly's ``random_cp`` on the orthonormal core ``G = X x_2 Q_B^T x_3 Q_A^T`` (see :func:`compressed_core`).
 
-The ALS here is tensorly's ``parafac`` algorithm (same update order, normal equations, initialisations and
-``abs_rec_error`` stopping rule, ``normalize_factors=False``) written for a *batch* of equal-shape modules and for
-cores given as low-rank slices ``G_t = P_t R_t^T`` (``P_t = s_t Q_B^T B_t``, ``R_t = Q_A^T A_t^T``): every MTTKRP
-then costs O(T K r R) instead of O(T K^2 R), and one call serves all the q_proj (or k_proj, ...) modules of a model.
 The merged update is
 
     weighted   (default)  dW = U diag(lambda * C^T w) V^T  = sum_t w_t X^_t
@@ -61,47 +63,71 @@ def _validate(opts: Mapping[str, Any]) -> None:
         raise MergeInputError(f"cp_tol must be a non-negative number, got {tol!r}.")
 
 
-def _basis(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis of the row space of each ``M`` (N, S, n), without a QR of the long n-dim side.
+def _stack(groups: list[list[LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Bs, As)``, (N, T r, out) and (N, T r, in): each module's ``B_t^T`` and ``s_t A_t`` stacked in T blocks of r
+    rows (r = the largest rank; lower-rank tasks get zero rows), written once into preallocated tensors."""
+    N, T, r = len(groups), len(groups[0]), max(f.rank for f in groups[0])
+    f0 = groups[0][0]
+    alloc = f0.B.new_empty if all(f.rank == r for f in groups[0]) else f0.B.new_zeros  # zeros only for padding
+    Bs = alloc(N, T * r, f0.B.shape[0])
+    As = alloc(N, T * r, f0.A.shape[1])
+    for n, g in enumerate(groups):
+        for t, f in enumerate(g):
+            Bs[n, t * r: t * r + f.rank].copy_(f.B.T)
+            As[n, t * r: t * r + f.rank].copy_(f.A).mul_(f.scaling)
+    return Bs, As
 
-    From the small Gram matrix ``M M^T = W L W^T`` (float64), ``Q = M^T W L^{-1/2}`` (n x S) is orthonormal;
-    directions with ``L < S eps L_max`` (dependent rows) get a zero column instead. Returns
-    ``(coords, lift)``: ``coords = Q^T M^T`` (N, S, S), the rows' coordinates in the basis, and
-    ``lift = W L^{-1/2}`` (N, S, S), so that ``Q @ X = M^T @ (lift @ X)``. Cost: one n x S x S product.
+
+def _gram(M: torch.Tensor) -> torch.Tensor:
+    return (M @ M.mT).double()
+
+
+def _blocks(W: torch.Tensor, T: int) -> torch.Tensor:
+    """The T diagonal r x r blocks of each (N, T r, T r) ``W``, as (N, T, r, r)."""
+    N, S, _ = W.shape
+    return W.view(N, T, S // T, T, S // T).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+def _basis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the row space of each ``M`` (N, S, n), from its Gram matrix ``M M^T`` (float64).
+
+    From ``M M^T = W L W^T``, ``Q = M^T W L^{-1/2}`` (n x S) is orthonormal; directions with ``L < S eps L_max``
+    (dependent rows) get a zero column instead. Returns ``(coords, lift)``: ``coords = Q^T M^T`` (N, S, S), the rows'
+    coordinates in the basis, and ``lift = W L^{-1/2}``, so that ``Q @ X = M^T @ (lift @ X)``.
     """
-    gram = (M @ M.mT).double()
     evals, W = torch.linalg.eigh(gram)
-    keep = evals > M.shape[1] * torch.finfo(torch.float64).eps * evals[:, -1:].clamp_min(0)
+    keep = evals > gram.shape[1] * torch.finfo(torch.float64).eps * evals[:, -1:].clamp_min(0)
     lift = W * torch.where(keep, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)[:, None, :]
     return lift.mT @ gram, lift
 
 
-def _compress(groups: list[list[LoraFactors]]):
-    """Batched compression: ``(P, R, lift_B, lift_A, Bs, As)`` with ``X_n,t = Q_B P_n,t R_n,t^T Q_A^T`` exactly.
+def _core(W_B: torch.Tensor, W_A: torch.Tensor, ranks: list[int]):
+    """``(P, R, lift_B, lift_A)``: the tasks' factors in orthonormal bases ``Q_B = Bs^T lift_B``, ``Q_A = As^T lift_A``
+    of the stacked factors' spans (K = sum r_t columns), so that the core is ``G_t = P_t R_t^T`` (P, R: (N, T, K, r),
+    zero-padded to the largest rank r; lift: (N, T r, K), zero on the padding rows of Bs / As)."""
+    T, r = len(ranks), max(ranks)
+    real = torch.tensor([t * r + i for t, rt in enumerate(ranks) for i in range(rt)], device=W_B.device)
+    (coords_B, lift_B), (coords_A, lift_A) = (_basis(W[:, real][:, :, real]) for W in (W_B, W_A))
+    N, K = coords_B.shape[:2]
 
-    ``Q_B = Bs^T lift_B`` (out x S) and ``Q_A = As^T lift_A`` (in x S) are orthonormal bases containing every
-    ``B_t`` / ``A_t^T`` (see :func:`_basis`), never formed; ``P`` (N, T, S, r) and ``R`` (N, T, S, r), zero-padded
-    to the largest rank r, are the tasks' factors in those bases (``P`` carries the scaling), in float64.
-    """
-    Bs = torch.stack([torch.cat([f.B.T for f in g]) for g in groups])  # (N, S, out)
-    As = torch.stack([torch.cat([f.A for f in g]) for g in groups])  # (N, S, in)
-    coords_B, lift_B = _basis(Bs)
-    coords_A, lift_A = _basis(As)
-    T, r = len(groups[0]), max(f.rank for f in groups[0])
-    P = coords_B.new_zeros(len(groups), T, coords_B.shape[1], r)
-    R = coords_A.new_zeros(len(groups), T, coords_A.shape[1], r)
-    start = 0
-    for t, f in enumerate(groups[0]):
-        scale = torch.tensor([g[t].scaling for g in groups], dtype=torch.float64, device=P.device)
-        P[:, t, :, : f.rank] = scale[:, None, None] * coords_B[:, :, start : start + f.rank]
-        R[:, t, :, : f.rank] = coords_A[:, :, start : start + f.rank]
-        start += f.rank
-    return P, R, lift_B, lift_A, Bs, As
+    def split(coords):  # (N, K, K) -> (N, T, K, r)
+        out = coords.new_zeros(N, T * r, K)
+        out[:, real] = coords.mT
+        return out.view(N, T, r, K).mT
+
+    def pad(lift):
+        out = lift.new_zeros(N, T * r, K)
+        out[:, real] = lift
+        return out
+
+    return split(coords_B), split(coords_A), pad(lift_B), pad(lift_A)
 
 
 def compressed_core(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G, Q_B, Q_A)`` for one module, with ``X = G x_2 Q_B x_3 Q_A`` exactly (see the module docstring)."""
-    P, R, lift_B, lift_A, Bs, As = _compress([factors])
+    """``(G, Q_B, Q_A)`` for one module, with ``X = G x_2 Q_B x_3 Q_A`` exactly, Q_B and Q_A orthonormal
+    (K = sum r_t columns, zero columns for dependent directions), G: (T, K, K)."""
+    Bs, As = _stack([factors])
+    P, R, lift_B, lift_A = _core(_gram(Bs), _gram(As), [f.rank for f in factors])
     G = torch.einsum("tar,tbr->tab", P[0], R[0])
     return G.to(Bs.dtype), Bs[0].mT @ lift_B[0].to(Bs.dtype), As[0].mT @ lift_A[0].to(As.dtype)
 
@@ -115,34 +141,40 @@ def _solve(gram: torch.Tensor, mttkrp: torch.Tensor) -> torch.Tensor:
     return x.mT
 
 
-def _init(P, R, rank: int, cp_init: str, random_state: int | None):
-    """Initial ``(C, U, V)``, each (N, dim, rank), as tensorly's ``initialize_cp`` makes them."""
-    N, T, KB, _ = P.shape
-    KA = R.shape[2]
-    if cp_init == "random":  # tensorly's own random start (uniform factors from RandomState(seed)), as parafac
-        with tl.backend_context("pytorch"):
-            start = random_cp(
-                (T, KB, KA), rank, random_state=random_state, normalise_factors=False, dtype=P.dtype, device=P.device
-            )
-        return tuple(f.expand(N, -1, -1).clone() for f in start.factors)
-    if cp_init == "tasks":
-        return _tasks_init(P, R, rank, random_state)
-    # "svd": leading left singular vectors of the mode-1 / mode-2 unfoldings, from the eigenvectors of
-    # unfold(G, 1) unfold(G, 1)^T = sum_t P_t (R_t^T R_t) P_t^T (K x K). The mode-0 start is never read: ALS updates
-    # mode 0 first from modes 1 and 2. Where K < rank, tensorly pads with uniform random columns; so do we.
-    rng = np.random.RandomState(random_state)
+def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
+    evals, vecs = torch.linalg.eigh(M)
+    return (vecs * evals.clamp_min(0).sqrt()[..., None, :]) @ vecs.mT
 
-    def leading(F, H):
-        gram = torch.einsum("ntar,ntrs,ntbs->nab", F, H.mT @ H, F)
-        vecs = torch.linalg.eigh(gram).eigenvectors.flip(-1)[..., :rank]
-        # tensorly's svd_flip sign convention: the largest-magnitude entry of each vector is positive
-        vecs = vecs * torch.sign(vecs.gather(1, vecs.abs().argmax(1, keepdim=True)))
-        if vecs.shape[-1] < rank:
-            pad = torch.as_tensor(rng.random_sample((vecs.shape[1], rank - vecs.shape[-1])), dtype=P.dtype)
-            vecs = torch.cat([vecs, pad.to(P.device).expand(N, -1, -1)], dim=-1)
-        return vecs
 
-    return P.new_ones(N, T, rank), leading(P, R), leading(R, P)
+def _leading(W: torch.Tensor, W_other: torch.Tensor, M: torch.Tensor, T: int, rank: int, rng,
+             flip: bool = True) -> torch.Tensor:
+    """Coordinates (w.r.t. the rows of ``M``) of the ``rank`` leading left singular vectors of the unfolding.
+
+    The mode-1 unfolding is ``X_(1) = Bs^T F`` with ``F = blockdiag(s_t A_t)``, so ``X_(1) X_(1)^T = Bs^T D Bs``,
+    ``D = blockdiag(W_A[tt])``. With ``D^{1/2} W_B D^{1/2} = Z L Z^T`` (T r x T r), the left singular vectors are
+    ``Bs^T D^{1/2} Z L^{-1/2}``: one small eigendecomposition, never an out x out or out x in matrix. Directions with
+    ``L < S eps L_max`` (fewer than ``rank`` independent ones) get uniform random coordinates, as tensorly pads. With
+    ``flip``, signs follow tensorly's ``svd_flip``: the largest-magnitude entry of each full-length vector is positive
+    (this needs the full vectors, one n x (T r) x rank product).
+    """
+    N, S, _ = W.shape
+    r = S // T
+    F = _psd_sqrt(_blocks(W_other, T))  # (N, T, r, r)
+    W5 = W.view(N, T, r, T, r)
+    FWF = torch.einsum("ntij,ntjul,nulk->ntiuk", F, W5, F).reshape(N, S, S)
+    evals, Z = torch.linalg.eigh(FWF)
+    evals, Z = evals.flip(-1)[:, :rank], Z.flip(-1)[..., :rank]
+    good = evals > S * torch.finfo(torch.float64).eps * evals[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
+    coords = torch.einsum("ntij,ntjk->ntik", F, Z.view(N, T, r, -1)).reshape(N, S, -1)
+    coords = coords * torch.where(good, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)[:, None, :]
+    if not bool(good.all()):
+        pad = torch.as_tensor(rng.random_sample((N, S, rank)), dtype=coords.dtype).to(coords.device)
+        coords = torch.where(good[:, None, :], coords, pad)
+    if not flip:
+        return coords
+    full = M.mT @ coords.to(M.dtype)  # (N, n, rank): the vectors themselves, for the sign convention only
+    sign = torch.sign(full.gather(1, full.abs().argmax(1, keepdim=True))).to(coords.dtype)
+    return coords * torch.where(sign == 0, 1.0, sign)
 
 
 def _tasks_init(P, R, rank: int, random_state: int | None):
@@ -154,56 +186,97 @@ def _tasks_init(P, R, rank: int, random_state: int | None):
     G = torch.einsum("ntar,ntbr->ntab", P, R)
     Us, S, Vh = torch.linalg.svd(G, full_matrices=False)  # (N, T, KB, k), (N, T, k), (N, T, k, KA)
     k = S.shape[-1]
-    Cs, Ui, Vi = [], [], []
+    Ui, Vi = [], []
     for n in range(N):
         order = torch.argsort(S[n].reshape(-1), descending=True)[:rank]
         task, comp = order // k, order % k
-        Cs.append(torch.nn.functional.one_hot(task, T).to(P.dtype).T)
         Ui.append(Us[n, task, :, comp].T)
         Vi.append((S[n, task, comp][:, None] * Vh[n, task, comp, :]).T)
-    C, U, V = torch.stack(Cs), torch.stack(Ui), torch.stack(Vi)
-    if rank > C.shape[2]:  # more components than the cores have: small random extra ones
+    U, V = torch.stack(Ui), torch.stack(Vi)
+    if rank > U.shape[2]:  # more components than the cores have: small random extra ones
         rng = np.random.RandomState(random_state)
-        extra = rank - C.shape[2]
+        extra = rank - U.shape[2]
         scale = float(S.max()) * 1e-3 if S.numel() else 1e-3
-        C, U, V = (
+        U, V = (
             torch.cat([M, torch.as_tensor(rng.standard_normal((N, M.shape[1], extra)), dtype=P.dtype).to(P.device)
-                       * (scale if i == 2 else 1.0)], dim=2)
-            for i, M in enumerate((C, U, V))
+                       * (scale if i == 1 else 1.0)], dim=2)
+            for i, M in enumerate((U, V))
         )
-    return C, U, V
+    return U, V
 
 
-def cp_als(P, R, rank: int, *, init: str = "svd", random_state: int | None = 0, n_iter_max: int = 100,
-           tol: float = 1e-8):
-    """Batched CP-ALS of the cores ``G_n,t = P_n,t R_n,t^T``: ``(C, U, V)`` with ``G ~ [[C, U, V]]`` (weights 1).
+def _init(Bs, As, W_B, W_A, ranks: list[int], rank: int, cp_init: str, random_state: int | None,
+          flip: bool = True):
+    """Initial ``(U, V)`` as coordinates w.r.t. the rows of Bs / As (N, T r, rank), as tensorly's ``initialize_cp``
+    makes them on the full tensor (``svd``) or on the orthonormal core (``random``, ``tasks``). The mode-0 start is
+    never needed: ALS updates mode 0 first, from modes 1 and 2.
 
-    Per iteration, for modes 0, 1, 2: ``F_m = MTTKRP_m(G) (hadamard_{j != m} F_j^T F_j)^{-1}``; the relative error
-    ``sqrt(|G|^2 + |[[C,U,V]]|^2 - 2 <G, [[C,U,V]]>) / |G|`` is tracked per module, and a module stops once it
-    changes by less than ``tol`` (tensorly's ``abs_rec_error``), keeping its factors while the others go on.
+    ``flip=False`` skips the ``svd_flip`` sign convention. ALS is sign-equivariant (negating column k of the U start
+    negates column k of the final C and U; of the V start, of C and V), so only the ``authors`` variant, which
+    drops C, depends on it.
     """
-    C, U, V = _init(P, R, rank, init, random_state)
-    N, T, K, r = P.shape
-    P2 = P.permute(0, 2, 1, 3).reshape(N, K, T * r)  # [P_1 .. P_T]: one matmul serves all tasks
-    R2 = R.permute(0, 2, 1, 3).reshape(N, R.shape[2], T * r)
-    norm2 = ((P.mT @ P) * (R.mT @ R).mT).sum((1, 2, 3))
-    norm = norm2.sqrt().clamp_min(torch.finfo(P.dtype).tiny)
-    active = torch.ones(N, dtype=torch.bool, device=P.device)
+    T = len(ranks)
+    if cp_init == "svd":
+        rng = np.random.RandomState(random_state)
+        return _leading(W_B, W_A, Bs, T, rank, rng, flip), _leading(W_A, W_B, As, T, rank, rng, flip)
+    P, R, lift_B, lift_A = _core(W_B, W_A, ranks)
+    N, S = P.shape[0], P.shape[2]
+    if cp_init == "random":  # tensorly's own random start (uniform factors from RandomState(seed)), as parafac
+        with tl.backend_context("pytorch"):
+            start = random_cp(
+                (T, S, S), rank, random_state=random_state, normalise_factors=False, dtype=P.dtype, device=P.device
+            )
+        U, V = (f.expand(N, -1, -1) for f in start.factors[1:])
+    else:
+        U, V = _tasks_init(P, R, rank, random_state)
+    return lift_B @ U, lift_A @ V
+
+
+def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
+    """Batched CP-ALS of the task x out x in tensors ``X_t = s_t B_t A_t``, each factor kept as coordinates w.r.t. the
+    stacked LoRA factors: ``U_full = Bs^T U``, ``V_full = As^T V``; only the Gram matrices ``W_B = Bs Bs^T`` and
+    ``W_A = As As^T`` (N, T r, T r) are needed. Returns ``(C, U, V)`` with ``X ~ [[C, U_full, V_full]]`` (weights 1).
+
+    These are tensorly's ``parafac`` iterates on the full tensor (same order, normal equations and ``abs_rec_error``
+    stopping rule, ``normalize_factors=False``), written without it: the mode-1 MTTKRP is ``sum_t X_t V_full diag(C_t)
+    = Bs^T Y`` with block t of ``Y`` equal to ``(A_t V_full) diag(C_t) = (W_A V)_t diag(C_t)``, so an iteration costs
+    two (T r)^2 x rank products, whatever the layer size. A module stops once its relative error
+    ``sqrt(|X|^2 + |[[C,U,V]]|^2 - 2 <X, [[C,U,V]]>) / |X|`` changes by less than ``tol``, keeping its factors while
+    the others go on.
+    """
+    N, S, rank = U.shape
+    r = S // T
+
+    def blockwise(M, C):  # block t of M (N, S, rank) times diag(C[:, t])
+        return (M.view(N, T, r, rank) * C[:, :, None, :]).view(N, S, rank)
+
+    norm2 = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((1, 2, 3))  # sum_t tr(B_t^T B_t A_t A_t^T)
+    norm = norm2.sqrt().clamp_min(torch.finfo(U.dtype).tiny)
+    BU, AV = W_B @ U, W_A @ V
+    UtU, VtV = U.mT @ BU, V.mT @ AV
+    C = U.new_ones(N, T, rank)
+    active = torch.ones(N, dtype=torch.bool, device=U.device)
     prev = torch.zeros_like(norm)
     for iteration in range(n_iter_max):
-        RV = (R2.mT @ V).reshape(N, T, r, rank)  # R_t^T V
-        PU = (P2.mT @ U).reshape(N, T, r, rank)
-        C_new = _solve((U.mT @ U) * (V.mT @ V), (PU * RV).sum(2))
-        U_new = _solve((C_new.mT @ C_new) * (V.mT @ V), P2 @ (RV * C_new[:, :, None, :]).reshape(N, T * r, rank))
-        PU = (P2.mT @ U_new).reshape(N, T, r, rank)
-        mttkrp = R2 @ (PU * C_new[:, :, None, :]).reshape(N, T * r, rank)
-        V_new = _solve((C_new.mT @ C_new) * (U_new.mT @ U_new), mttkrp)
+        C_new = _solve(UtU * VtV, (BU * AV).view(N, T, r, rank).sum(2))
+        CtC = C_new.mT @ C_new
+        U_new = _solve(CtC * VtV, blockwise(AV, C_new))
+        BU_new = W_B @ U_new
+        UtU_new = U_new.mT @ BU_new
+        mttkrp = blockwise(BU_new, C_new)
+        V_new = _solve(CtC * UtU_new, mttkrp)
+        AV_new = W_A @ V_new
+        VtV_new = V_new.mT @ AV_new
         keep = active[:, None, None]
-        C, U, V = (torch.where(keep, new, old) for new, old in ((C_new, C), (U_new, U), (V_new, V)))
+        pairs = ((C_new, C), (U_new, U), (V_new, V), (BU_new, BU), (AV_new, AV), (UtU_new, UtU), (VtV_new, VtV))
+        if bool(active.all()):
+            C, U, V, BU, AV, UtU, VtV = (new for new, _ in pairs)
+        else:
+            C, U, V, BU, AV, UtU, VtV = (torch.where(keep, new, old) for new, old in pairs)
         if not tol:
             continue
-        model2 = ((C.mT @ C) * (U.mT @ U) * (V.mT @ V)).sum((1, 2))
-        err = (norm2 + model2 - 2 * (mttkrp * V_new).sum((1, 2))).abs().sqrt() / norm
+        model2 = (CtC * UtU_new * VtV_new).sum((1, 2))
+        err = (norm2 + model2 - 2 * (mttkrp * AV_new).sum((1, 2))).abs().sqrt() / norm
         if iteration >= 1:
             active = active & ((prev - err).abs() >= tol)
         prev = torch.where(keep[:, 0, 0], err, prev)
@@ -247,15 +320,17 @@ def cp_merge(
     ALS with surplus components has singular normal equations); results are zero-padded back to ``rank``.
     """
     requested, rank = rank, min(rank, sum(f.rank for f in groups[0]))
-    P, R, lift_B, lift_A, Bs, As = _compress(groups)
-    # ALS on the small cores runs in float64 whatever the adapters' dtype: it costs little at S x r, and a
-    # partly converged float32 ALS drifted from the float64 iterates by 4e-3 relative (SmolLM2 adapters, rank 4).
-    C, U_core, V_core = cp_als(
-        P, R, rank, init=cp_init, random_state=cp_random_state, n_iter_max=cp_n_iter_max, tol=cp_tol
-    )
+    Bs, As = _stack(groups)
+    T = len(groups[0])
+    # ALS runs in float64 whatever the adapters' dtype: it only touches (T r) x (T r) Gram matrices, and a partly
+    # converged float32 ALS drifted from the float64 iterates by 4e-3 relative (SmolLM2 adapters, rank 4).
+    W_B, W_A = _gram(Bs), _gram(As)
+    U0, V0 = _init(Bs, As, W_B, W_A, [f.rank for f in groups[0]], rank, cp_init, cp_random_state,
+                   flip=cp_variant == "authors")
+    C, U_c, V_c = cp_als(W_B, W_A, U0, V0, T, n_iter_max=cp_n_iter_max, tol=cp_tol)
     dtype = Bs.dtype
     C, weights = C.to(dtype), weights.to(dtype)
-    U, V = Bs.mT @ (lift_B @ U_core).to(dtype), As.mT @ (lift_A @ V_core).to(dtype)
+    U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
     tiny = torch.finfo(dtype).tiny
     nc, nu, nv = C.norm(dim=1), U.norm(dim=1), V.norm(dim=1)  # (N, R)
     if cp_variant == "authors":
