@@ -54,7 +54,7 @@ def test_equals_dense_tensorly_cp_on_every_layer(model):
         with tl.backend_context("pytorch"):
             res = parafac(X, R, init="svd", n_iter_max=100, tol=1e-8, random_state=0)
         ref = torch.einsum("r,tr,or,ir,t->oi", res.weights, *res.factors, torch.tensor(w, dtype=X.dtype))
-        assert _rel(delta_matrix(layer, "m"), ref) < 1e-5, key
+        assert _rel(delta_matrix(layer, "m"), ref) < 1e-10, key  # the same iterates: float64 round-off only
 
 
 @pytest.mark.parametrize("init", ["svd", "tasks"])
