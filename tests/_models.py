@@ -1,5 +1,10 @@
 """Tiny models for tests (importable from subprocesses: ``sys.path.insert(0, tests_dir)``)."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -66,3 +71,26 @@ def make_peft_model(adapters, dtype=torch.float64, seed=0):
             model.add_adapter(name, cfg)
         randomize_lora(model, name, seed=seed * 100 + i)
     return model.to(dtype)
+
+
+def assert_loads_with_plain_peft(adapter_dir, x, expected, rank, tmp_path, rtol=1e-6, atol=1e-8):
+    """In a fresh interpreter that never imports ``peft_cp_merge``, plain ``PeftModel.from_pretrained`` on a
+    float64 ``TinyNet`` loads ``adapter_dir`` as a rank-``rank`` LoRA and maps ``x`` to ``expected``."""
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from _models import TinyNet
+        from peft import PeftModel
+        torch.manual_seed(0)
+        model = PeftModel.from_pretrained(TinyNet().double(), {str(adapter_dir)!r})
+        assert "peft_cp_merge" not in sys.modules
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(model(io["x"]), io["expected"], rtol={rtol}, atol={atol})
+        print("OK", model.peft_config["default"].r)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"OK {rank}" in res.stdout

@@ -5,14 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from _hub import fake_hf_api
-from _models import delta_matrix, inputs, make_peft_model
+from _models import assert_loads_with_plain_peft, delta_matrix, inputs, make_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
@@ -132,24 +131,7 @@ def test_saved_folder_loads_with_plain_peft_and_card(saved, tmp_path):
     expected = model(x).detach()
     model.set_adapter("x")
     model.delete_adapter("m32")
-    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from _models import TinyNet
-        from peft import PeftModel
-        torch.manual_seed(0)
-        model = PeftModel.from_pretrained(TinyNet().double(), {str(out)!r})
-        assert "peft_cp_merge" not in sys.modules
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        torch.testing.assert_close(model(io["x"]), io["expected"], rtol=1e-5, atol=1e-7)
-        print("OK", model.peft_config["default"].r)
-        """
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "OK 3" in res.stdout
+    assert_loads_with_plain_peft(out, x, expected, 3, tmp_path, rtol=1e-5, atol=1e-7)
 
 
 def test_recipe_from_card_reruns_to_the_same_tensors(saved, tmp_path):

@@ -1,14 +1,10 @@
 """``add_weighted_adapter(combination_type="cp")`` through PEFT, against PEFT's own results and dense tensorly CP."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import tensorly as tl
 import torch
-from _models import TARGETS, delta_matrix, inputs, make_peft_model
+from _models import TARGETS, assert_loads_with_plain_peft, delta_matrix, inputs, make_peft_model
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer, LoraModel
 from tensorly.decomposition import parafac
@@ -159,26 +155,7 @@ def test_saved_adapter_loads_with_plain_peft(tmp_path, model):
     x = inputs(seed=3)
     expected = model(x).detach()
     model.save_pretrained(tmp_path, selected_adapters=["merged"])
-    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    torch.manual_seed(0)
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from _models import TinyNet
-        from peft import PeftModel
-        torch.manual_seed(0)
-        base = TinyNet().double()
-        model = PeftModel.from_pretrained(base, {str(tmp_path / "merged")!r})
-        assert "peft_cp_merge" not in sys.modules
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        torch.testing.assert_close(model(io["x"]), io["expected"], rtol=1e-6, atol=1e-8)
-        print("OK", model.peft_config["default"].r)
-        """
-    )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "OK 4" in res.stdout
+    assert_loads_with_plain_peft(tmp_path / "merged", x, expected, 4, tmp_path)
 
 
 # --- errors: message names the fix, model left exactly as before ---------------------------------------------
