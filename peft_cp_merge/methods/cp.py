@@ -138,11 +138,11 @@ def _solve(gram: torch.Tensor, mttkrp: torch.Tensor) -> torch.Tensor:
     solve with (T r) right-hand sides); a pseudo-inverse where one is singular (Cholesky fails)."""
     L, info = torch.linalg.cholesky_ex(gram)
     bad = info != 0
-    if bad.any():
-        L[bad] = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    if not bad.any():
+        return mttkrp @ torch.cholesky_inverse(L)
+    L[bad] = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)  # placeholder, replaced below
     inv = torch.cholesky_inverse(L)
-    if bad.any():
-        inv[bad] = torch.linalg.pinv(gram[bad])
+    inv[bad] = torch.linalg.pinv(gram[bad])
     return mttkrp @ inv
 
 
