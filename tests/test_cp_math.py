@@ -87,24 +87,89 @@ def test_random_init_is_seeded():
     assert not torch.equal(a.A, c.A)
 
 
-def test_variants_by_hand():
-    # reference: dense tensorly CP on the full T x out x in tensor (init="svd", including its svd_flip signs, which
-    # the "authors" variant keeps because it drops the task factor)
-    fs, w = _factors([2, 3]), torch.tensor([0.7, 0.3], dtype=torch.float64)
-    X = torch.stack([f.delta() for f in fs])
+def _dense_variant(fs, w, rank, variant, density=1.0, threshold=0.5):
+    """The variants' formulas (cp.py's module docstring) on dense tensorly CP of the full T x out x in tensor."""
+    unscaled = variant == "authors"
+    X = torch.stack([(f.B @ f.A) if unscaled else f.delta() for f in fs])
+    norms = X.flatten(1).norm(dim=1)
+    if variant == "balanced":
+        X = X / norms[:, None, None]
+        w = w * norms
     with tl.backend_context("pytorch"):
-        res = parafac(X, 4, init="svd", n_iter_max=100, tol=1e-8, random_state=0)
+        res = parafac(X, rank, init="svd", n_iter_max=100, tol=1e-8, random_state=0)
     C, U, V = res.factors
-    weighted = cp(fs, w, rank=4)
-    assert _rel(weighted.B @ weighted.A, U @ torch.diag(res.weights * (C.T @ w)) @ V.T) < 1e-10
-    authors = cp(fs, w, rank=4, cp_variant="authors")
-    assert _rel(authors.B @ authors.A, U @ torch.diag(res.weights) @ V.T) < 1e-10
-    a = w[:, None] * C
-    keep = torch.sign(a) == torch.sign(a.sum(0, keepdim=True))
-    assert not keep.all()  # the election really drops something here
-    elected = cp(fs, w, rank=4, cp_variant="sign_elect")
-    ref = U @ torch.diag(res.weights * (a * keep).sum(0)) @ V.T
-    assert _rel(elected.B @ elected.A, ref) < 1e-10
+    if variant == "authors_v1":  # task factor dropped, unnormalised factors (keeps tensorly's svd_flip signs)
+        return U @ torch.diag(res.weights) @ V.T
+    lam = res.weights * C.norm(dim=0) * U.norm(dim=0) * V.norm(dim=0)
+    c, Un, Vn = C / C.norm(dim=0), U / U.norm(dim=0), V / V.norm(dim=0)
+    a = w[:, None] * c
+    T = len(fs)
+    if variant == "orth":
+        def polar(M):
+            P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+            return P @ Qh
+        Up, Vp = polar(Un), polar(Vn)
+        total = sum(wt * f.delta() for wt, f in zip(w, fs))
+        return Up @ torch.diag(torch.diag(Up.T @ total @ Vp)) @ Vp.T
+    coef = a.sum(0)
+    if variant == "sign_elect":
+        coef = (a * (torch.sign(a) == torch.sign(a.sum(0)))).sum(0)
+    elif variant == "ties":
+        k = max(1, int(density * rank))
+        contrib = (c * lam).abs()
+        pruned = torch.zeros_like(c)
+        for t in range(T):
+            top = torch.argsort(contrib[t], descending=True)[:k]
+            pruned[t, top] = c[t, top]
+        sign = torch.sign(pruned.sum(0))
+        sign[sign == 0] = 1
+        agree = (torch.sign(pruned) == sign) & (pruned != 0)
+        coef = (w[:, None] * pruned * agree).sum(0) / agree.sum(0).clamp_min(1)
+    elif variant == "split":
+        for r in range(rank):
+            t = int(torch.argmax(c[:, r] ** 2))
+            if c[t, r] ** 2 >= threshold:
+                coef[r] = w.sum() * c[t, r]
+    elif variant == "spread":
+        coef = coef * T / c.abs().sum(0) ** 2
+    g = lam * coef
+    if variant == "isotropic":
+        g = torch.sign(g) * g.abs().mean()
+    return Un @ torch.diag(g) @ Vn.T
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread", "orth"],
+)
+def test_variants_equal_their_dense_formula(variant):
+    fs, w = _factors([2, 3, 3]), torch.tensor([0.7, 0.3, -0.4], dtype=torch.float64)
+    kw = {"cp_density": 0.5} if variant == "ties" else {}
+    got = cp(fs, w, rank=4, cp_variant=variant, **kw)
+    ref = _dense_variant(fs, w, 4, variant, density=0.5)
+    assert _rel(got.B @ got.A, ref) < 1e-8
+    if variant not in ("authors", "authors_v1"):  # every other variant is linear in a common scale of the weights
+        scaled = cp(fs, 2.5 * w, rank=4, cp_variant=variant, **kw)
+        assert _rel(scaled.B @ scaled.A, 2.5 * ref) < 1e-8
+
+
+def test_variants_really_differ():
+    """Each variant changes the merge on adapters of unequal strength (the formulas are not vacuous here)."""
+    fs = _factors([2, 3, 3])
+    fs[2] = LoraFactors(fs[2].A, 0.1 * fs[2].B, fs[2].scaling)  # one weak task
+    w = torch.tensor([0.7, 0.3, -0.4], dtype=torch.float64)
+    base = cp(fs, w, rank=4)
+    for variant in ["sign_elect", "ties", "balanced", "isotropic", "split", "spread", "orth", "authors"]:
+        kw = {"cp_density": 0.5} if variant == "ties" else {}
+        got = cp(fs, w, rank=4, cp_variant=variant, **kw)
+        assert _rel(got.B @ got.A, base.B @ base.A) > 1e-3, variant
+
+
+def test_authors_is_weighted_on_unscaled_updates():
+    fs, w = _factors([2, 3]), [1.0, 1.0]
+    unscaled = [LoraFactors(f.A, f.B, 1.0) for f in fs]
+    a, b = cp(fs, w, rank=3, cp_variant="authors"), cp(unscaled, w, rank=3)
+    assert _rel(a.B @ a.A, b.B @ b.A) < 1e-12
 
 
 @pytest.mark.parametrize(
@@ -113,6 +178,8 @@ def test_variants_by_hand():
         ({"cp_variant": "mean"}, "cp_variant='mean' is not supported"),
         ({"cp_init": "eye"}, "cp_init='eye' is not supported"),
         ({"cp_n_iter_max": 0}, "cp_n_iter_max must be a positive integer"),
+        ({"cp_density": 0.0}, "cp_density must be a number in"),
+        ({"cp_split_threshold": "high"}, "cp_split_threshold must be a number in"),
         ({"rank": 0}, "`cp_rank` must be a positive integer"),
     ],
 )

@@ -16,17 +16,45 @@ unfolding, ``svd_flip`` signs) computed from one (T r) x (T r) eigenproblem per 
 ``parafac(X, init="svd")`` to float precision (the tests check this against tensorly). ``init="random"`` draws
 tensorly's ``random_cp`` on the orthonormal core ``G = X x_2 Q_B^T x_3 Q_A^T`` (see :func:`compressed_core`).
 
-The merged update is
+The merged update is ``dW = U diag(g) V^T`` (U, V with unit columns, ``lambda_r = |C_r| |U_r| |V_r|`` the
+component magnitudes, ``c_r = C_r / |C_r|`` the unit task loadings, ``a_tr = w_t c_tr`` the weighted loadings),
+written as a rank-R LoRA balanced between B and A (scaling 1). ``cp_variant`` chooses ``g`` (and, for some
+variants, what is decomposed).
+Each variant's hypothesis was written down before it was measured (``benchmarks/README.md`` has the results):
 
-    weighted   (default)  dW = U diag(lambda * C^T w) V^T  = sum_t w_t X^_t
-    authors               dW = U V^T, the TC-LoRA authors' code (mttl ``CPMergeAfter``): task factor dropped,
-                          unnormalised factors, weights unused
-    sign_elect            per component r: a_t = w_t C[t, r]; elect sign(sum_t a_t); keep only agreeing a_t
-                          (TIES on the disentangled components): dW = U diag(lambda * a_elected) V^T
+    weighted   (default)  g_r = lambda_r sum_t a_tr  (= sum_t w_t X^_t, the least-squares CP reconstruction).
+    authors               the TC-LoRA authors' later code (mttl ``CPMergeAfter`` with ``cpd_n_iter_max``): the
+                          ``weighted`` formula on the *unscaled* products ``B_t A_t`` (LoRA scaling ignored, as they
+                          did); with every w_t = 1 (their fixed coefficient 1.0) it is their ``sum_t X^_t``.
+    authors_v1            the authors' first version: ``dW = U_raw V_raw^T``, task factor dropped, unnormalised
+                          factors, weights unused; its scale is uncontrolled (scored 0 in our first benchmark).
+    sign_elect            TIES at the level of components without pruning: elect sign(sum_t a_tr), keep only the
+                          agreeing a_tr, sum them. Hypothesis: opposing task loadings cancel a component.
+    ties                  TIES on the loadings: per task keep the ``cp_density`` fraction of components with the
+                          largest |lambda_r c_tr|, elect the sign from the pruned unweighted loadings, disjoint mean
+                          of the agreeing weighted ones. Hypothesis: small loadings are noise that interferes.
+    balanced              decompose the tasks normalised to |X_t| = 1, restore the norms in the merge
+                          (g_r = lambda_r sum_t w_t |X_t| c_tr). Hypothesis: a least-squares fit spends components on
+                          the strongest tasks; equal norms let weak tasks keep theirs.
+    isotropic             |g_r| replaced by its mean over the components (signs kept), as Iso-C flattens the
+                          spectrum. Hypothesis: weak components carry the weak tasks.
+    split                 shared/specific split by the loading vector: a component is task-specific when one task
+                          holds at least ``cp_split_threshold`` of its loading energy (c_tr^2); shared components
+                          get ``lambda_r sum_t a_tr`` (averaged over the tasks), specific ones the full weight mass,
+                          ``lambda_r (sum_t w_t) c_t*r``. Hypothesis: averaging dilutes task-specific directions by T
+                          (what TSV and Iso-CTS avoid); CP says which directions are specific, so undo it for those.
+    spread                the soft version of ``split``: g_r = lambda_r (sum_t a_tr) T / n_r with n_r =
+                          (sum_t |c_tr|)^2 (the loading's participation number, 1 for a specific component, T for a
+                          uniform one). Same hypothesis, no threshold.
+    orth                  CP + whitening: the unit U and V replaced by their orthogonal polar factors (as TSV does
+                          with task singular vectors) and the magnitudes refit by least squares to the weighted sum,
+                          g_r = u_r^T (sum_t w_t X_t) v_r. Hypothesis: CP components are not orthogonal, so shared
+                          directions are counted in several components (interference); whitening removes that.
 
-written as a rank-R LoRA, balanced between B and A (scaling 1). Deviation from the authors' code: they ran dense
-``parafac`` with ``init="random"`` and rank 4 on the unscaled ``A @ B``; we decompose the scaled updates ``X_t``
-(so ``lora_alpha`` counts) and default to a deterministic SVD init and rank = max adapter rank.
+All variants but the two ``authors`` ones are linear in a common scale of the weights. Deviation from the authors'
+code: they ran dense ``parafac`` with ``init="random"`` and rank 4 on ``A @ B``; we decompose the scaled updates
+``X_t`` (so ``lora_alpha`` counts; ``authors`` drops the scaling to match them) and default to a deterministic SVD
+init and rank = max adapter rank.
 
 ``cp_init="tasks"`` starts from the tasks' own SVDs (task t's components with loading e_t, the R strongest kept):
 at ``R >= sum r_t`` that start is already an exact CP of X, where plain ALS from an SVD start converges slowly.
@@ -47,7 +75,8 @@ from ._linalg import balanced, pad_rank
 from .registry import LoraFactors, merge_method
 
 CP_INITS = ("svd", "random", "tasks")
-CP_VARIANTS = ("weighted", "authors", "sign_elect")
+CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread",
+               "orth")
 
 
 def _validate(opts: Mapping[str, Any]) -> None:
@@ -61,6 +90,10 @@ def _validate(opts: Mapping[str, Any]) -> None:
     tol = opts["cp_tol"]
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise MergeInputError(f"cp_tol must be a non-negative number, got {tol!r}.")
+    for key in ("cp_density", "cp_split_threshold"):
+        x = opts[key]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < x <= 1.0:
+            raise MergeInputError(f"{key} must be a number in (0, 1], got {x!r}.")
 
 
 def _stack(groups: list[list[LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,6 +337,8 @@ def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
         "cp_n_iter_max": 100,
         "cp_tol": 1e-8,
         "cp_variant": "weighted",
+        "cp_density": 1.0,
+        "cp_split_threshold": 0.5,
     },
     validate=_validate,
     batched=True,
@@ -318,35 +353,107 @@ def cp_merge(
     cp_n_iter_max: int = 100,
     cp_tol: float = 1e-8,
     cp_variant: str = "weighted",
+    cp_density: float = 1.0,
+    cp_split_threshold: float = 0.5,
 ) -> list[LoraFactors]:
     """Merge a batch of modules' adapters (same shapes and ranks; ``weights`` (N, T)) by rank-``rank`` CP.
 
     ``rank`` above ``sum_t r_t`` is capped there (the tasks' own SVDs already give an exact CP of that rank, and
     ALS with surplus components has singular normal equations); results are zero-padded back to ``rank``.
+    ``cp_density`` is used by ``cp_variant="ties"``, ``cp_split_threshold`` by ``"split"`` (module docstring).
     """
     requested, rank = rank, min(rank, sum(f.rank for f in groups[0]))
+    if cp_variant == "authors":  # the authors decomposed the unscaled products B_t A_t
+        groups = [[LoraFactors(f.A, f.B, 1.0) for f in g] for g in groups]
     Bs, As = _stack(groups)
-    T = len(groups[0])
+    N, T = len(groups), len(groups[0])
     # ALS runs in float64 whatever the adapters' dtype: it only touches (T r) x (T r) Gram matrices, and a partly
     # converged float32 ALS drifted from the float64 iterates by 4e-3 relative (SmolLM2 adapters, rank 4).
     W_B, W_A = _gram(Bs), _gram(As)
-    U0, V0 = _init(Bs, As, W_B, W_A, [f.rank for f in groups[0]], rank, cp_init, cp_random_state,
-                   flip=cp_variant == "authors")
-    C, U_c, V_c = cp_als(W_B, W_A, U0, V0, T, n_iter_max=cp_n_iter_max, tol=cp_tol)
     dtype = Bs.dtype
-    C, weights = C.to(dtype), weights.to(dtype)
+    weights = weights.to(dtype)
+    if cp_variant == "balanced":  # decompose X_t / |X_t|; the norms go back into the weights
+        task_norm = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((2, 3)).sqrt()  # (N, T)
+        inv = torch.where(task_norm > 0, 1.0 / task_norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        d = inv.repeat_interleave(Bs.shape[1] // T, dim=1)  # (N, T r)
+        As = As * d[:, :, None].to(dtype)
+        W_A = W_A * d[:, :, None] * d[:, None, :]
+        weights = weights * task_norm.to(dtype)
+    U0, V0 = _init(Bs, As, W_B, W_A, [f.rank for f in groups[0]], rank, cp_init, cp_random_state,
+                   flip=cp_variant == "authors_v1")
+    C, U_c, V_c = cp_als(W_B, W_A, U0, V0, T, n_iter_max=cp_n_iter_max, tol=cp_tol)
+    if cp_variant == "orth":
+        return [pad_rank(f, requested) for f in _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T)]
+    C = C.to(dtype)
     U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
     tiny = torch.finfo(dtype).tiny
     nc, nu, nv = C.norm(dim=1), U.norm(dim=1), V.norm(dim=1)  # (N, R)
-    if cp_variant == "authors":
+    if cp_variant == "authors_v1":
         g = nu * nv
     else:
-        a = weights[:, :, None] * (C / nc.clamp_min(tiny)[:, None])  # (N, T, R)
-        if cp_variant == "sign_elect":
-            sign = torch.sign(a.sum(dim=1, keepdim=True))
-            a = torch.where(torch.sign(a) == sign, a, torch.zeros_like(a))
-        g = nc * nu * nv * a.sum(dim=1)
+        g = nc * nu * nv * _loading_coefficients(C / nc.clamp_min(tiny)[:, None], weights, nc * nu * nv, cp_variant,
+                                                 cp_density, cp_split_threshold)
+        if cp_variant == "isotropic":
+            g = torch.sign(g) * g.abs().mean(dim=1, keepdim=True)
     if not torch.isfinite(g).all():
         raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
     U, V = U / nu.clamp_min(tiny)[:, None], V / nv.clamp_min(tiny)[:, None]
-    return [pad_rank(balanced(U[n], g[n], V[n]), requested) for n in range(len(groups))]
+    return [pad_rank(balanced(U[n], g[n], V[n]), requested) for n in range(N)]
+
+
+def _loading_coefficients(c: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, variant: str, density: float,
+                          threshold: float) -> torch.Tensor:
+    """Per component, the factor of ``lambda_r`` in the merged update (N, R), from the unit loadings ``c`` (N, T, R),
+    the weights ``w`` (N, T) and the magnitudes ``lam`` (N, R): see the module docstring's variant table."""
+    T = c.shape[1]
+    a = w[:, :, None] * c  # (N, T, R)
+    if variant == "sign_elect":
+        sign = torch.sign(a.sum(dim=1, keepdim=True))
+        return torch.where(torch.sign(a) == sign, a, torch.zeros_like(a)).sum(dim=1)
+    if variant == "ties":
+        R = c.shape[2]
+        contrib = c * lam[:, None, :]  # task t's share of component r, unweighted
+        k = max(1, int(density * R))
+        kth = contrib.abs().topk(k, dim=2).values[..., -1:]  # (N, T, 1): each task's k-th largest magnitude
+        pruned = torch.where(contrib.abs() >= kth, c, torch.zeros_like(c))
+        sign = torch.sign(pruned.sum(dim=1, keepdim=True))
+        sign = torch.where(sign == 0, 1.0, sign)  # PEFT's ties: a zero sum elects +
+        agree = (torch.sign(pruned) == sign) & (pruned != 0)
+        kept = torch.where(agree, w[:, :, None] * pruned, torch.zeros_like(pruned))
+        return kept.sum(dim=1) / agree.sum(dim=1).clamp_min(1)
+    total = a.sum(dim=1)  # (N, R): the weighted formula
+    if variant == "split":
+        share = c.square()  # unit loadings: the energy shares sum to 1 over the tasks
+        top_share, top = share.max(dim=1)
+        own = w.sum(dim=1, keepdim=True) * c.gather(1, top[:, None, :])[:, 0]
+        return torch.where(top_share >= threshold, own, total)
+    if variant == "spread":
+        return total * T / c.abs().sum(dim=1).square().clamp_min(1.0)
+    return total  # weighted, authors, balanced (its norms are already in w), isotropic (flattened by the caller)
+
+
+def _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T: int) -> list[LoraFactors]:
+    """``orth``: polar factors of the unit-column U and V (coordinates ``U_c`` w.r.t. the rows of Bs, ``V_c`` of As),
+    then ``g_r = u_r^T (sum_t w_t X_t) v_r``. All on (T r) x R coordinates: the polar factor of ``M = Bs^T U_c`` is
+    ``M (M^T M)^{-1/2}`` with ``M^T M = U_c^T W_B U_c`` (R x R), and ``u_r^T B_t`` / ``s_t A_t v_r`` are block t of
+    ``W_B U_c`` / ``W_A V_c``; directions of a rank-deficient M get a zero column (partial isometry)."""
+
+    def polar(W, X):
+        gram = X.mT @ W @ X
+        d = gram.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(gram.dtype).tiny).rsqrt()
+        gram = gram * d[:, :, None] * d[:, None, :]  # unit columns first
+        evals, vecs = torch.linalg.eigh(gram)
+        keep = evals > gram.shape[-1] * torch.finfo(gram.dtype).eps * evals[:, -1:].clamp_min(0)
+        root = torch.where(keep, evals.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+        return (X * d[:, None, :]) @ (vecs * root[:, None, :]) @ vecs.mT
+
+    U_c, V_c = polar(W_B, U_c), polar(W_A, V_c)
+    N, S, R = U_c.shape
+    r = S // T
+    proj = ((W_B @ U_c) * (W_A @ V_c)).view(N, T, r, R).sum(2)  # (N, T, R): u_r^T X_t v_r
+    g = (weights.to(proj.dtype)[:, :, None] * proj).sum(1)
+    if not torch.isfinite(g).all():
+        raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
+    dtype = Bs.dtype
+    U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
+    return [balanced(U[n], g[n].to(dtype), V[n]) for n in range(N)]
