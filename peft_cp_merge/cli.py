@@ -3,7 +3,7 @@
 Examples:
 
     peft-cp-merge merge user/math-lora user/code-lora ./qa-lora --method cp --rank 16 --out merged
-    peft-cp-merge merge --recipe recipe.yaml                # or the README.md of a merged adapter
+    peft-cp-merge merge --recipe recipe.yaml --out merged   # or the README.md of a merged adapter
     peft-cp-merge merge a b --method tsv --weights 0.7 0.3 --out merged --push-to-hub me/merged
     peft-cp-merge methods                                   # the merge methods and their options
     peft-cp-merge library train --config library.yaml       # see `peft-cp-merge library --help`
@@ -36,14 +36,16 @@ def _add_merge(sub) -> None:
         "merge", help="merge LoRA adapters (folders or Hub ids) into one LoRA adapter, without the base model",
         description="Merge LoRA adapters from local folders or Hub repos into one PEFT LoRA adapter. Every flag "
         "overrides the same field of --recipe. Fields of a recipe: "
-        + "; ".join(f"{k}: {v}" for k, v in RECIPE_FIELDS.items()) + ".",
+        + "; ".join(f"{k}: {v}" for k, v in RECIPE_FIELDS.items()) + ". --out, --overwrite and --push-to-hub "
+        "are only taken from the command line: a recipe or model card that names them is refused.",
     )
     p.add_argument("sources", nargs="*", metavar="SRC",
                    help="adapter folder, or Hub id user/repo[/subfolder][@revision]")
     p.add_argument("--recipe", help="YAML recipe, or the README.md model card of an adapter merged by this tool")
     p.add_argument("--method", help="merge method: cp (default), tsv, knots, svd; see `peft-cp-merge methods`")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per source (default 1/T each)")
-    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest source rank)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest source rank; at most "
+                   "the sum of the source ranks and the layers' min(out, in))")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option cp_variant=sign_elect --option cp_n_iter_max=200 "
                    "(repeatable; values parsed as YAML)")
@@ -55,7 +57,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--commit-message", help="commit message of the push")
     p.add_argument("--base-model", help="base model to record, skipping the check that all sources agree")
     p.add_argument("--device", help="where to compute: cpu (default) or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
                    help="dtype of the merged factors (default: the sources' dtype)")
     p.add_argument("--batch-size", type=int, help="at most this many equal-shape modules merged together (32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,11 +65,14 @@ def _add_merge(sub) -> None:
 
 
 def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe (if any) with the command-line flags on top."""
+    """The recipe (if any) with the command-line flags on top, type-checked (:class:`~peft_cp_merge.card.Recipe`).
+
+    Where to write, whether to overwrite and whether to push are not part of it: they come only from the command
+    line (``args.out``, ``args.overwrite``, ``args.push_to_hub``), never from a recipe or model card.
+    """
     recipe = load_recipe(args.recipe) if args.recipe else {}
     flags = {
         "sources": args.sources or None, "method": args.method, "weights": args.weights, "rank": args.rank,
-        "out": args.out, "overwrite": args.overwrite, "push_to_hub": args.push_to_hub,
         "base_model": args.base_model, "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size,
     }
     settings = {**recipe, **{k: v for k, v in flags.items() if v is not None}}
@@ -75,30 +80,40 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = check_recipe(settings, "merge settings")
     if not settings.get("sources"):
         raise PeftCpMergeError("No adapters to merge: give SRC arguments or a --recipe with `sources`.")
-    if not settings.get("out") and not settings.get("push_to_hub"):
-        raise PeftCpMergeError("Nowhere to put the result: pass --out DIR and/or --push-to-hub REPO_ID.")
+    if not args.out and not args.push_to_hub:
+        raise PeftCpMergeError("Nowhere to put the result: pass --out DIR and/or --push-to-hub REPO_ID "
+                               "(a recipe or model card never chooses where to write).")
     return settings
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ._io import check_output_folder
     from .engine import merge_adapters
 
     s = merge_settings(args)
-    out = Path(s["out"]) if s.get("out") else None
-    if out is not None and out.exists() and not s.get("overwrite"):
-        raise PeftCpMergeError(f"Output folder {str(out)!r} already exists; choose another --out or pass --overwrite.")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # before the merge runs: an unwritable or existing --out costs nothing
+        check_output_folder(out, overwrite=bool(args.overwrite))
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as e:
+            raise PeftCpMergeError(f"--push-to-hub {args.push_to_hub!r} is not a valid Hub repo id "
+                                   f"('user/name'): {e}") from None
     merged = merge_adapters(
         s["sources"], s.get("weights"), s.get("method", "cp"), s.get("rank"), base_model=s.get("base_model"),
-        device=s.get("device"), dtype=s.get("dtype"), batch_size=s.get("batch_size") or 32,
+        device=s.get("device"), dtype=s.get("dtype"), batch_size=s.get("batch_size", 32),
         progress=not args.no_progress, **s["options"],
     )
     if out is not None:
-        merged.save_pretrained(out, overwrite=bool(s.get("overwrite")))
+        merged.save_pretrained(out, overwrite=bool(args.overwrite))
     url = None
-    if s.get("push_to_hub"):
-        url = merged.push_to_hub(s["push_to_hub"], private=args.private, revision=args.revision,
+    if args.push_to_hub:
+        url = merged.push_to_hub(args.push_to_hub, private=args.private, revision=args.revision,
                                  commit_message=args.commit_message)
     r, st = merged.recipe, merged.stats
     print(f"merged {len(r['sources'])} adapters with {r['method']} at rank {r['rank']}: {st['modules']} modules in "
@@ -120,11 +135,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``peft-cp-merge merge: error: ... (see --help)``, exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .library.cli import add_subcommands
 
-    parser = argparse.ArgumentParser(prog="peft-cp-merge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="peft-cp-merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="{merge,methods,library}", required=True)
     _add_merge(sub)
@@ -140,8 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PeftCpMergeError as e:  # LibraryError included
-        print(f"error: {e}", file=sys.stderr)
+        logger.debug("bad input", exc_info=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output folder that is a file or not writable, a full disk, ...
+        logger.debug("I/O error", exc_info=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

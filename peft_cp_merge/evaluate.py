@@ -58,3 +58,33 @@ def accuracy(model, tokenizer, examples: Sequence[Example], **kwargs) -> float:
     """Fraction of ``examples`` answered exactly (see :func:`exact_match`)."""
     hits = exact_match(model, tokenizer, examples, **kwargs)
     return sum(hits) / max(len(hits), 1)
+
+
+def paired_difference(hits_a, hits_b, *, n_resamples: int = 2000, confidence: float = 0.95, seed: int = 0):
+    """Mean exact-match difference ``a - b`` and its paired bootstrap interval over the test prompts.
+
+    ``hits_a[i]`` and ``hits_b[i]`` are per-prompt verdicts (0/1) of the two methods on the same prompts, one pair of
+    equal-length sequences per (seed, task) cell, the cells in the same order; a task's cells (one per seed) list the
+    same prompts in the same order. The statistic is the mean over cells. A resample draws prompt positions with
+    replacement, the same for both methods and every cell: per task it resamples that task's test prompts
+    (stratified by task, one joint draw per position; prompts of different tasks are independent, so the coupling
+    adds no bias), the same prompts for every seed (seeds are not resampled: the interval is over test prompts, for
+    these seeds). Prompt difficulty cancels out of the paired difference. ``scipy.stats.bootstrap``, percentile
+    interval. Returns ``{"diff", "low", "high", "n_prompts"}``; ``[diff, diff]`` when no prompt's verdicts differ.
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    a = np.asarray(hits_a, dtype=float)
+    b = np.asarray(hits_b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"hits_a and hits_b must be equal, non-empty (cells x prompts) arrays; got {a.shape}, "
+                         f"{b.shape}")
+    per_prompt = (a - b).mean(axis=0)  # the mean over cells, per prompt position (same prompts in every cell)
+    diff = float(per_prompt.mean())
+    if np.all(per_prompt == per_prompt[0]):
+        return {"diff": diff, "low": diff, "high": diff, "n_prompts": int(per_prompt.size)}
+    res = bootstrap((per_prompt,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                    method="percentile", random_state=np.random.default_rng(seed))
+    return {"diff": diff, "low": float(res.confidence_interval.low), "high": float(res.confidence_interval.high),
+            "n_prompts": int(per_prompt.size)}

@@ -19,7 +19,14 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import _freeze_adapter
 
-from .config import check_lora_config, merged_config
+from .config import (
+    check_lora_config,
+    check_merge_rank,
+    check_option_types,
+    merged_config,
+    numerical_failure,
+    rank_limit,
+)
 from .errors import MergeInputError, UnknownMergeOptionError
 from .methods import LoraFactors, check_weights, get_merge_method, list_merge_methods
 from .methods._linalg import pad_rank
@@ -88,12 +95,8 @@ def _target_params(layer: LoraLayer, adapter: str) -> tuple[torch.nn.Parameter, 
     return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
 
 
-def _merge_layers(model: LoraModel, adapters, weights, method, rank, options) -> dict[str, LoraFactors]:
-    """Merged factors for every LoRA layer holding at least one of ``adapters``; nothing is modified.
-
-    All layers go through one :meth:`MergeMethod.merge_batch` call, so batched methods (``cp``) merge the
-    equal-shape layers of a model (all ``q_proj``, all ``k_proj``, ...) together, as the file engine does.
-    """
+def _collect_layers(model: LoraModel, adapters, weights) -> tuple[list[str], list[list[LoraFactors]], list[list]]:
+    """``(keys, groups, weights)`` of every LoRA layer holding at least one of ``adapters`` (views, no copies)."""
     keys, groups, group_weights = [], [], []
     for key, module in model.model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -104,9 +107,22 @@ def _merge_layers(model: LoraModel, adapters, weights, method, rank, options) ->
             keys.append(key)
             groups.append([f for f, _ in present])
             group_weights.append([w for _, w in present])
+    return keys, groups, group_weights
+
+
+def _merge_layers(model: LoraModel, adapters, weights, method, rank, options) -> dict[str, LoraFactors]:
+    """Merged factors for every LoRA layer holding at least one of ``adapters``; nothing is modified.
+
+    All layers go through one :meth:`MergeMethod.merge_batch` call, so batched methods (``cp``) merge the
+    equal-shape layers of a model (all ``q_proj``, all ``k_proj``, ...) together, as the file engine does.
+    """
+    keys, groups, group_weights = _collect_layers(model, adapters, weights)
     if not keys:
         return {}
-    merged = method.merge_batch(groups, group_weights, rank=rank, where=keys, **options)
+    try:
+        merged = method.merge_batch(groups, group_weights, rank=rank, where=keys, **options)
+    except torch.linalg.LinAlgError as e:
+        raise numerical_failure(keys, groups, e) from None
     return {key: pad_rank(f, rank) for key, f in zip(keys, merged)}
 
 
@@ -127,7 +143,9 @@ def add_weighted_adapter_registry(
         adapter_name: name of the new adapter; must not exist yet.
         combination_type: a registered method name (see ``peft_cp_merge.list_merge_methods(peft_only=True)``).
         **kwargs: the method's rank keyword (``cp_rank`` for ``cp``, ``svd_rank`` for the SVD family; default:
-            the largest adapter rank) and its options (``cp_init``, ``cp_variant``, ``density``, ...).
+            the largest adapter rank; at most ``max`` over layers of ``min(sum_t r_t, out, in)``, as a merged
+            update has no higher rank: a larger one is refused before anything is allocated) and its options
+            (``cp_init``, ``cp_variant``, ``density``, ...), type-checked up front.
 
     The new adapter has ``r = lora_alpha = rank`` (scaling exactly 1), ``use_rslora=False``, no rank/alpha
     patterns, and targets the union of the adapters' target modules. It is not activated (as in PEFT).
@@ -140,6 +158,7 @@ def add_weighted_adapter_registry(
                 f"`{peft_only}` belongs to PEFT's own SVD types and is not used by combination_type="
                 f"{combination_type!r}. Remove it. Valid options: {', '.join(sorted(method.options)) or '(none)'}."
             )
+    check_option_types(method, kwargs)
     options = method.resolve_options(kwargs)
     if isinstance(adapters, str) or not adapters:
         raise MergeInputError("`adapters` must be a non-empty list of adapter names, e.g. ['math', 'code'].")
@@ -157,24 +176,32 @@ def add_weighted_adapter_registry(
             f"An adapter named {adapter_name!r} already exists. Choose a new `adapter_name`, or remove the old one "
             f"with `model.delete_adapter({adapter_name!r})`."
         )
-    weights = check_weights(weights, len(adapters))
+    try:
+        weights = check_weights(weights, len(adapters))
+    except MergeInputError:
+        raise
+    except (TypeError, ValueError, RuntimeError):
+        raise MergeInputError(f"`weights` must be a list of {len(adapters)} numbers, one per adapter, got "
+                              f"{weights!r}.") from None
     configs = [model.peft_config[name] for name in adapters]
     for name, config in zip(adapters, configs):
         check_lora_config(config, name)
-    default_rank = max(
-        max([c.r, *c.rank_pattern.values()]) if c.rank_pattern else c.r for c in configs
-    )
-    rank = default_rank if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise MergeInputError(
-            f"`{method.rank_option}` must be a positive integer, got {rank!r}. For example {method.rank_option}="
-            f"{default_rank}."
-        )
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise MergeInputError(f"`{method.rank_option}` must be a positive integer, got {rank!r}.")
+    keys, groups, _ = _collect_layers(model, adapters, weights)
+    if not keys:
+        raise MergeInputError(f"None of the adapters {adapters} has LoRA layers in this model; nothing to merge.")
+    # default: the largest rank the adapters hold; limit: no merged layer update has a higher rank than
+    # min(sum_t r_t, out, in), so a larger rank (cp_rank=10**6) is refused before anything is allocated
+    default_rank = max(f.rank for g in groups for f in g)
+    limit = rank_limit((sum(f.rank for f in g), *g[0].shape) for g in groups)
+    rank = check_merge_rank(rank, method.rank_option, default=default_rank, limit=limit)
+    del keys, groups
 
     # Compute everything before touching the model: an error above or here leaves it unchanged.
     merged = _merge_layers(model, adapters, weights, method, rank, options)
-    if not merged:
-        raise MergeInputError(f"None of the adapters {adapters} has LoRA layers in this model; nothing to merge.")
+    for key, f in merged.items():  # the registry computes in float32 and casts back to the adapters' dtype
+        _check_finite(key, f.A, f.B)
 
     model.peft_config[adapter_name] = merged_config(configs, rank)
     try:
@@ -196,9 +223,19 @@ def add_weighted_adapter_registry(
                     raise RuntimeError(f"merged adapter scaling is {module.scaling[adapter_name]} in {key}, not 1")
                 A_param.copy_(f.A.reshape(A_param.shape).to(A_param.dtype))
                 B_param.copy_(f.B.reshape(B_param.shape).to(B_param.dtype))
+            _check_finite(key, A_param, B_param)
     except BaseException:
         _remove_adapter(model, adapter_name)
         raise
+
+
+def _check_finite(key: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        dtype = str(A.dtype).removeprefix("torch.")
+        raise MergeInputError(
+            f"The merged factors of layer {key!r} overflow {dtype} (inf/NaN after the cast to the adapters' dtype); "
+            "the model is unchanged. Merge float32 adapters (e.g. after model.float()) or pass smaller weights."
+        )
 
 
 def _remove_adapter(model: LoraModel, adapter_name: str) -> None:

@@ -88,6 +88,28 @@ def _date(r: random.Random) -> tuple[str, str]:
     return f"Date: {day.isoformat()}\nTask: give the month name.\nAnswer:", f" {day.strftime('%B')}"
 
 
+def _sort_desc(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return (f"Numbers: {' '.join(map(str, xs))}\nTask: sort descending.\nAnswer:",
+            " " + " ".join(map(str, sorted(xs, reverse=True))))
+
+
+def _record_swap(r: random.Random) -> tuple[str, str]:
+    name, city, age = r.choice(NAMES), r.choice(CITIES), r.randint(18, 90)
+    field, value = r.choice([("city", city), ("age", str(age)), ("name", name)])
+    return f"Record: city={city}; name={name}; age={age}\nWhat is the {field}?", f" {value}"
+
+
+def _max(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return f"Numbers: {' '.join(map(str, xs))}\nTask: give the largest.\nAnswer:", f" {max(xs)}"
+
+
+def _min(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return f"Numbers: {' '.join(map(str, xs))}\nTask: give the smallest.\nAnswer:", f" {min(xs)}"
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": _add,
     "sort": _sort,
@@ -98,8 +120,21 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "weekday": _weekday,
     "python": _python,
     "month": _date,
+    "max": _max,
+    "sort_desc": _sort_desc,
+    "record_swap": _record_swap,
+    "min": _min,
 }
 """Task name -> generator of ``(prompt, completion)`` from a ``random.Random``."""
+
+HELD_OUT: dict[str, tuple[str, ...]] = {
+    "sort_desc": ("sort", "reverse"),
+    "record_swap": ("record",),
+    "min": ("max", "sort"),
+}
+"""Tasks meant to be evaluated zero-shot (no adapter trained on them), and the trained tasks whose skills or formats
+they reuse: ``sort_desc`` sorts as ``sort`` and reverses as ``reverse``; ``record_swap`` is ``record`` with the fields
+in another order; ``min`` asks the opposite of ``max`` (the first number ``sort`` writes)."""
 
 SPLITS = ("train", "validation", "test")
 

@@ -34,8 +34,26 @@ from peft_cp_merge.tasks import Example
 logger = logging.getLogger("benchmarks.quality")
 
 PEFT_SVD_METHODS = ("svd", "ties_svd", "dare_ties_svd", "magnitude_prune_svd")
-OURS = ("tsv", "knots")
-CP_VARIANTS = ("weighted", "authors", "sign_elect")
+PEFT_SLOW = ("ties_svd", "dare_ties_svd", "magnitude_prune_svd")  # dense top-k merges: 30-60 s each; rank r only
+OURS = ("tsv", "knots", "iso_c", "iso_cts", "core_ties")
+CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread",
+               "orth")
+CP_OPTIONS = {"ties": {"cp_density": 0.5}}  # the other variants' options keep their defaults (cp.py)
+CP_HYPOTHESES = {  # written down before the first measurement (peft_cp_merge/methods/cp.py has the formulas)
+    "weighted": "the least-squares CP reconstruction of the weighted sum (the seeds' merge)",
+    "weighted+tasks": "CP needs more components than an SVD merge: R = T r / 2 from the tasks' own SVDs",
+    "authors": "the authors' later code: rank 4, random init (seed 42), unscaled updates, every weight 1",
+    "authors_v1": "the authors' first code: task factor dropped, uncontrolled scale (expected to fail)",
+    "sign_elect": "opposing task loadings cancel a component: keep only the sign-agreeing loadings",
+    "ties": "small loadings are interference: per task keep the top half of components, elect, disjoint mean",
+    "balanced": "least squares favours strong tasks: fit on norm-balanced tasks, restore the norms",
+    "isotropic": "weak components carry weak tasks: flatten the component magnitudes (as Iso-C)",
+    "split": "averaging dilutes task-specific directions by T: specific components (one task >= 50% of the "
+             "loading energy) at full weight, shared ones averaged",
+    "spread": "the soft split: scale each component by T / its loading's participation number",
+    "orth": "CP components overlap and double-count shared directions: polar-orthogonalise U and V, refit "
+            "magnitudes to the weighted sum (as TSV whitens)",
+}
 LINEAR_TOL = 1e-3
 
 
@@ -50,10 +68,16 @@ class MergeSpec:
     out_rank: int | None = None
     family: str = "peft"  # "peft" or "ours"
     rank_key: str | None = None  # the kwarg that sets the output rank
+    fixed_weight: float | None = None  # every adapter's weight is this, no lambda search (the authors' protocol)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "combination_type": self.combination_type,
-                "kwargs": self.kwargs, "out_rank": self.out_rank, "family": self.family}
+                "kwargs": self.kwargs, "out_rank": self.out_rank, "family": self.family,
+                "fixed_weight": self.fixed_weight}
+
+    @property
+    def is_cp(self) -> bool:
+        return self.combination_type == "cp"
 
     @property
     def group(self) -> tuple:
@@ -73,7 +97,14 @@ def group_specs(specs: Sequence[MergeSpec]) -> list[list[MergeSpec]]:
 def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int],
                 methods: Sequence[str] | None = None) -> tuple[list[MergeSpec], list[dict[str, str]]]:
     """The merge configurations, and the methods skipped (with why). ``methods`` filters by method name
-    (``cp/weighted`` style names for the CP variants, or ``cp`` for all three)."""
+    (``cp/weighted`` style names for the CP variants, or ``cp`` for all of them).
+
+    PEFT: linear, cat, the svd types (the dense pruning ones at the first output rank only: 30-60 s per merge and
+    never better than ``svd`` at the first rank). Ours: tsv, knots, iso_c, iso_cts, core_ties at every output rank,
+    ``iso_c`` also at full rank T r (its paper's setting); every CP variant at the first output rank, ``cp/weighted``
+    at every output rank and with ``cp_init="tasks"`` at T r / 2; ``cp/authors`` as the authors ran it (rank 4,
+    random init, seed 42, every weight 1.0, no lambda search).
+    """
     from peft_cp_merge import list_merge_methods
     from peft_cp_merge.methods import get_merge_method
 
@@ -83,7 +114,7 @@ def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int]
         MergeSpec(f"cat R={n_adapters * rank}", "cat", "cat", {}, n_adapters * rank),
     ]
     for ct in PEFT_SVD_METHODS:
-        for R in ranks:
+        for R in ranks[:1] if ct in PEFT_SLOW else ranks:
             kw = {"svd_rank": R, "svd_full_matrices": False}
             if ct != "svd":
                 kw["density"] = density
@@ -96,18 +127,27 @@ def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int]
             skipped.append({"method": name, "reason": "not registered with add_weighted_adapter"})
             continue
         m = get_merge_method(name)
-        for R in ranks:
+        out_ranks = list(ranks) + ([n_adapters * rank] if name == "iso_c" else [])
+        for R in dict.fromkeys(out_ranks):
             kw: dict[str, Any] = {m.rank_option: R}
             if "density" in m.options:
                 kw["density"] = density
             specs.append(MergeSpec(f"{name} R={R}", name, name, kw, R, "ours", m.rank_option))
     if "cp" in registered:
         for v in CP_VARIANTS:
-            for R in ranks:
-                kw = {"cp_rank": R, "cp_variant": v}
-                if v == "authors":  # as the authors' code ran it: random start, seed 42 (ALGORITHMS.md section 2)
+            for R in ranks if v == "weighted" else ranks[:1]:
+                kw = {"cp_rank": R, "cp_variant": v, **CP_OPTIONS.get(v, {})}
+                fixed = None
+                if v == "authors":  # as the authors' code ran it (ALGORITHMS.md section 2)
+                    R, fixed = 4, 1.0
+                    kw.update(cp_rank=R, cp_init="random", cp_random_state=42)
+                elif v == "authors_v1":
                     kw.update(cp_init="random", cp_random_state=42)
-                specs.append(MergeSpec(f"cp/{v} R={R}", f"cp/{v}", "cp", kw, R, "ours", "cp_rank"))
+                specs.append(MergeSpec(f"cp/{v} R={R}", f"cp/{v}", "cp", kw, R, "ours", "cp_rank", fixed))
+        half = max(1, n_adapters * rank // 2)
+        specs.append(MergeSpec(f"cp/weighted+tasks R={half}", "cp/weighted+tasks", "cp",
+                               {"cp_rank": half, "cp_variant": "weighted", "cp_init": "tasks"}, half, "ours",
+                               "cp_rank"))
     else:
         skipped.append({"method": "cp", "reason": "not registered with add_weighted_adapter"})
     if methods:
@@ -204,18 +244,32 @@ def classify(pm, spec: MergeSpec, adapters: Sequence[str], base_name: str, lam: 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
-def evaluate(pm, tok, adapter: str | None, data: dict[str, list[Example]], batch_size: int = 32) -> dict[str, float]:
-    """Exact match per task with ``adapter`` active (``None``: the base model, adapters disabled)."""
+def evaluate_hits(pm, tok, adapter: str | None, data: dict[str, list[Example]],
+                  batch_size: int = 32) -> dict[str, list[bool]]:
+    """Per task, whether each prompt is answered exactly, with ``adapter`` active (``None``: the base model)."""
     out = {}
     for task, examples in data.items():
         if adapter is None:
             with pm.disable_adapter():
-                hits = exact_match(pm, tok, examples, batch_size=batch_size)
+                out[task] = exact_match(pm, tok, examples, batch_size=batch_size)
         else:
             pm.set_adapter(adapter)
-            hits = exact_match(pm, tok, examples, batch_size=batch_size)
-        out[task] = sum(hits) / len(hits)
+            out[task] = exact_match(pm, tok, examples, batch_size=batch_size)
     return out
+
+
+def accuracies(hits: dict[str, list[bool]]) -> dict[str, float]:
+    return {t: sum(h) / len(h) for t, h in hits.items()}
+
+
+def evaluate(pm, tok, adapter: str | None, data: dict[str, list[Example]], batch_size: int = 32) -> dict[str, float]:
+    """Exact match per task with ``adapter`` active (``None``: the base model, adapters disabled)."""
+    return accuracies(evaluate_hits(pm, tok, adapter, data, batch_size))
+
+
+def pack_hits(hits: dict[str, list[bool]]) -> dict[str, str]:
+    """Hits as compact strings of 0/1 per task (for the JSON record)."""
+    return {t: "".join("1" if h else "0" for h in hs) for t, hs in hits.items()}
 
 
 def mean(xs) -> float:
@@ -223,14 +277,23 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def search_lambda(score: Callable[[float], dict[str, float]], grid: Sequence[float]) -> tuple[float, dict]:
-    """Evaluate ``score(lam)`` (per-task validation accuracy) on every grid value; the best mean wins (the smaller
-    lambda on ties). Returns ``(best, {lam: {"per_task": ..., "mean": ...}})``."""
-    curve = {}
-    for lam in grid:
+def search_lambda(score: Callable[[float], dict[str, float]], grid: Sequence[float],
+                  patience: int | None = 2) -> tuple[float, dict]:
+    """Walk the ascending ``grid``, scoring ``score(lam)`` (per-task validation accuracy); the best mean wins (the
+    smaller lambda on ties). With ``patience``, stop after that many consecutive grid values below the best so far
+    (accuracy falls off on both sides of its peak; the same rule for every method). Returns ``(best, {lam: {"per_task":
+    ..., "mean": ...}})``; the curve holds only the values scored."""
+    curve: dict[float, dict] = {}
+    best, worse = None, 0
+    for lam in sorted(grid):
         per_task = score(lam)
         curve[lam] = {"per_task": per_task, "mean": mean(per_task.values())}
-    best = max(grid, key=lambda lam: (curve[lam]["mean"], -lam))
+        if best is None or curve[lam]["mean"] > curve[best]["mean"]:
+            best, worse = lam, 0
+        else:
+            worse += 1
+            if patience and worse >= patience:
+                break
     return best, curve
 
 

@@ -28,23 +28,70 @@ def _lambda_cell(data: dict, label: str) -> str:
     return ", ".join(f"{x:g}" for x in lams)
 
 
+def _ci(row: dict | None) -> str:
+    if not row:
+        return ""
+    star = "**" if row["low"] > 0 or row["high"] < 0 else ""
+    return f"{star}{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{star}"
+
+
 def _table(data: dict, rows: list[str], summary: dict, extra: dict[str, str] | None = None,
-           rank_of: dict[str, str] | None = None) -> list[str]:
-    tasks = data["tasks"]
-    head = ["", "out rank", "seeds", *tasks, "mean", "normalized"] + (["lambda (per seed)"] if extra else [])
-    sep = "|---|---:|---:|" + "---:|" * (len(tasks) + 2) + ("---|" if extra else "")
+           rank_of: dict[str, str] | None = None, comparison: dict | None = None,
+           heldout_comparison: dict | None = None) -> list[str]:
+    tasks, heldout = data["tasks"], list(data.get("heldout_tasks", {}))
+    comp = (comparison or {}).get("rows", {})
+    hcomp = (heldout_comparison or {}).get("rows", {})
+    head = ["", "out rank", "seeds", *tasks, "mean", "normalized", "diff to best non-CP [95% CI]"]
+    head += [*heldout, "held-out mean", "held-out diff [95% CI]"] if heldout else []
+    head += ["lambda (per seed)"] if extra else []
+    n_num = len(tasks) + 3 + (len(heldout) + 2 if heldout else 0)
+    sep = "|---|---:|---:|" + "---:|" * n_num + ("---|" if extra else "")
     lines = ["| " + " | ".join(head) + " |", sep]
     for label in rows:
         if label not in summary:
             continue
         sm = summary[label]
         seeds_n = len(sm["seeds"])
-        cells = [f"**{label}**" if label in REFERENCE_ROWS else label, (rank_of or {}).get(label, ""), str(seeds_n)]
+        ref = label in ((comparison or {}).get("reference"), (heldout_comparison or {}).get("reference"))
+        name = f"**{label}**" if label in REFERENCE_ROWS else f"{label} (best non-CP)" if ref else label
+        cells = [name, (rank_of or {}).get(label, ""), str(seeds_n)]
         cells += [_fmt(sm["per_task"][t], seeds_n) for t in tasks]
-        cells += [_fmt(sm["mean"], seeds_n), _fmt(sm["normalized"], seeds_n)]
+        cells += [_fmt(sm["mean"], seeds_n), _fmt(sm["normalized"], seeds_n), _ci(comp.get(label))]
+        if heldout:
+            cells += [_fmt(sm["per_task"].get(t, [float("nan")] * 2), seeds_n) for t in heldout]
+            cells += [_fmt(sm.get("heldout_mean", [float("nan")] * 2), seeds_n), _ci(hcomp.get(label))]
         if extra is not None:
             cells.append(extra.get(label, ""))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def ablation_table(data: dict) -> list[str]:
+    """The CP variants side by side: hypothesis, validation mean (first seed, at its chosen lambda), test mean +- std,
+    difference to the best non-CP merge with its interval, held-out mean and difference, merge time."""
+    from benchmarks.quality.merging import CP_HYPOTHESES
+
+    summary, comp = data["summary"], data.get("comparison", {})
+    ind, held = comp.get("in_domain", {}).get("rows", {}), comp.get("heldout", {}).get("rows", {})
+    first = str(data["seeds"][0])
+    n = len(data["seeds"])
+    ref = comp.get("in_domain", {}).get("reference", "?")
+    lines = [f"| CP configuration | hypothesis | validation mean (seed {first}) | test mean | diff to {ref} "
+             "[95% CI] | held-out mean | held-out diff [95% CI] | merge (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for m in data["methods"]:
+        label = m["label"]
+        if m["combination_type"] != "cp" or label not in summary:
+            continue
+        run = data["merge_runs"].get(label, {}).get(first, {})
+        curve = run.get("val_curve") or {}
+        val = f"{max(c['mean'] for c in curve.values()):.3f}" if curve else "–"
+        variant = m["method"].split("/", 1)[1]
+        secs = [r["merge_seconds"] for r in data["merge_runs"].get(label, {}).values()]
+        sm = summary[label]
+        lines.append(f"| {label} | {CP_HYPOTHESES.get(variant, '')} | {val} | {_fmt(sm['mean'], n)} | "
+                     f"{_ci(ind.get(label))} | {_fmt(sm.get('heldout_mean', [float('nan')] * 2), n)} | "
+                     f"{_ci(held.get(label))} | {sum(secs) / max(len(secs), 1):.1f} |")
     return lines
 
 
@@ -57,7 +104,7 @@ def _tc_summary(data: dict, seeds: list[str]) -> dict[str, Any]:
     for label, per_seed in data["results"].items():
         sub = {int(s): v for s, v in per_seed.items() if s in seeds}
         if sub:
-            out[label] = _summary(sub, own, data["tasks"])
+            out[label] = _summary(sub, own, data["tasks"], list(data.get("heldout_tasks", {})))
     return out
 
 
@@ -77,7 +124,8 @@ def write_markdown(data: dict, path: Path) -> None:
         f"total wall time {wall.get('total', 0) / 60:.1f} min.",
         "",
         f"**Setup.** {len(tasks)} procedural tasks from `peft_cp_merge.tasks` ({', '.join(tasks)}); "
-        f"{d['n_train']} train / {d['n_val']} validation / {d['n_test']} test prompts per task (hash-based splits, "
+        f"{d['n_train']} train / {d['n_val']} validation / {d['n_test']} test prompts per task, "
+        f"{d.get('n_heldout', 0)} test prompts per held-out task (hash-based splits, "
         f"data seed {d['data_seed']}). One LoRA per task: r={cfg['rank']}, alpha={cfg['alpha']:g}, modules "
         f"{', '.join(cfg['target_modules'])}, {cfg['steps']} steps of batch {cfg['batch_size']}, lr {cfg['lr']:g} "
         f"(AdamW, {cfg['warmup_steps']} warm-up steps, linear decay, clip 1.0), max length {cfg['max_length']}. "
@@ -97,7 +145,17 @@ def write_markdown(data: dict, path: Path) -> None:
     rank_of.update({"own adapter": str(cfg["rank"]), "joint adapter": str(cfg["rank"])})
     rows = list(REFERENCE_ROWS) + [m["label"] for m in data["methods"]]
     extra = {label: _lambda_cell(data, label) for label in rows}
-    lines += _table(data, rows, summary, extra, rank_of)
+    comp = data.get("comparison", {})
+    lines += _table(data, rows, summary, extra, rank_of, comp.get("in_domain"), comp.get("heldout"))
+    lines += ["", f"Diff: mean test exact match minus that of the best non-CP merge "
+              f"({comp.get('in_domain', {}).get('reference', '?')} in-domain, "
+              f"{comp.get('heldout', {}).get('reference', '?')} held-out), {proto.get('interval', '')}; **bold** "
+              "when the interval excludes 0. Held-out tasks (no adapter trained on them; the trained skills they "
+              "reuse): " + "; ".join(f"{t} ({', '.join(src)})" for t, src in data.get("heldout_tasks", {}).items())
+              + ".", "", "## CP variants (ablation)", "",
+              "Every configuration gets the same lambda search on validation; the hypotheses were written before "
+              "the first run.", ""]
+    lines += ablation_table(data)
     lines += [""]
     ranked = sorted((m["label"] for m in data["methods"] if m["label"] in summary),
                     key=lambda label: -summary[label]["mean"][0])
@@ -141,7 +199,7 @@ def write_markdown(data: dict, path: Path) -> None:
         extra.update({k: ", ".join(v) for k, v in tc_extra.items()})
         rank_tc = {**rank_of, **{label: rank_of.get(label.split(": ", 1)[1], "") for label in sub
                                  if label.startswith("TC ")}}
-        lines += _table(data, tc_rows, sub, extra, rank_tc)
+        lines += _table(data, tc_rows, sub, extra, rank_tc, comp.get("tc_in_domain"), comp.get("tc_heldout"))
         lines += ["", "Rows: per-task adapters merged (`<method> R=<rank>`), TC-LoRA cluster adapters merged "
                   "(`TC k=<k>: <method>`), and the library used as a router (`routed cluster adapter`: each test "
                   "prompt answered by the adapter of its nearest centroid; not a merge, a reference).", ""]
@@ -190,8 +248,8 @@ def write_markdown(data: dict, path: Path) -> None:
                      f"({hits} exact hits among them).")
     for s in data.get("skipped_methods", []):
         lines.append(f"- Skipped `{s['method']}`: {s['reason']}.")
-    lines.append("- `cp/authors` ignores the weights (the TC-LoRA authors' merge: task factor dropped), so it has "
-                 "no lambda; it is reported as is.")
+    lines.append("- `cp/authors` is merged as the authors' code applied it: every weight 1.0, no lambda search; "
+                 "`cp/authors_v1` ignores the weights (task factor dropped), so it has no lambda.")
     lines.append("- `cat` has output rank T x r; `linear` (PEFT) adds the A and B factors separately (rank r), "
                  "which is not the weighted sum of the updates.")
     lines += ["", "## Wall times (seconds)", "", "| stage | seconds |", "|---|---:|"]

@@ -52,29 +52,34 @@ from benchmarks.quality.merging import (  # noqa: E402
     PEFT_SVD_METHODS,
     MergeSpec,
     Scaled,
+    accuracies,
     build_specs,
     classify,
-    evaluate,
+    evaluate_hits,
     generate_agreement,
     group_specs,
     merge,
+    pack_hits,
     rel_diff,
     search_lambda,
     slice_adapter,
 )
 from peft_cp_merge._io import atomic_write_text  # noqa: E402
-from peft_cp_merge.tasks import TASKS, make_splits  # noqa: E402
+from peft_cp_merge.tasks import HELD_OUT, TASKS, make_examples, make_splits  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TASKS = ["add", "sort", "reverse", "count", "units", "record", "weekday", "month"]
+DEFAULT_TASKS = ["sort", "reverse", "count", "max", "record", "month"]
 QUICK_TASKS = ["reverse", "record", "month"]
-FULL = dict(seeds=[0, 1, 2], steps=16, n_train=200, n_val=8, n_test=12, tc_k=[1, 2], rank_mults=[1, 2],
-            lambdas=[1.0, 3.0, 9.0], check_generate=4, check_linearity="cheap", targets=LLAMA_TARGETS)
-QUICK = dict(seeds=[0], steps=10, n_train=64, n_val=4, n_test=8, tc_k=[1], rank_mults=[1, 2],
-             lambdas=[1.0, 3.0], check_generate=2, check_linearity="all",
-             targets=["q_proj", "v_proj", "down_proj"])
+LAMBDAS = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0]
+FULL = dict(seeds=[0, 1, 2], steps=40, lr=5e-3, n_train=400, n_val=24, n_test=60, n_heldout=40, tc_k=[1],
+            rank_mults=[1, 2], lambdas=LAMBDAS, check_generate=4, check_linearity="cheap", targets=LLAMA_TARGETS,
+            heldout=list(HELD_OUT), methods=None)
+QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_heldout=4, tc_k=[1], rank_mults=[1],
+             lambdas=[1.0, 3.0], check_generate=2, check_linearity="all", targets=["q_proj", "v_proj", "down_proj"],
+             heldout=["record_swap"], methods=["linear", "svd", "ties_svd", "tsv", "iso_c", "iso_cts", "core_ties",
+                                               "cp/weighted", "cp/authors", "cp/split", "cp/orth"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,29 +92,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every adapter")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per task adapter (default 16; quick 8)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per task adapter (default 40; quick 10)")
     p.add_argument("--joint-steps", type=int, default=None,
                    help="steps of the joint adapter (default T x steps: the per-task adapters' total)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-3; quick 3e-3)")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 200)")
-    p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 8)")
-    p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 12)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=None, help="lambda grid (default 1 3 9)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 400)")
+    p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 24)")
+    p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 60)")
+    p.add_argument("--heldout", nargs="*", choices=sorted(HELD_OUT), default=None,
+                   help=f"held-out tasks, evaluated zero-shot (default: {' '.join(HELD_OUT)})")
+    p.add_argument("--n-heldout", type=int, default=None, help="test examples per held-out task (default 40)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+                   help=f"lambda grid, walked upwards until 2 values in a row are below the best (default "
+                        f"{' '.join(f'{x:g}' for x in LAMBDAS)})")
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the test prompts")
     p.add_argument("--density", type=float, default=0.5, help="density of ties/dare/magnitude_prune/knots")
     p.add_argument("--rank-mults", type=int, nargs="+", default=None,
                    help="output ranks as multiples of r for methods with an output rank (default 1 2)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="only these methods (linear cat svd ties_svd dare_ties_svd magnitude_prune_svd tsv knots cp "
-                        "or cp/<variant>)")
+                   help="only these methods (linear cat svd ties_svd dare_ties_svd magnitude_prune_svd tsv knots "
+                        "iso_c iso_cts core_ties cp or cp/<variant>)")
     p.add_argument("--search-seeds", choices=["first", "all"], default="first",
                    help="search lambda on the first seed only (reused for the others) or on every seed")
     p.add_argument("--ref-seeds", type=int, default=1,
                    help="train the joint adapter and run the TC-LoRA part on the first N seeds")
     p.add_argument("--tc-k", type=float, nargs="+", default=None,
                    help="numbers of clusters as multiples of the number of tasks (default 1 2; 0 skips TC-LoRA)")
-    p.add_argument("--tc-methods", nargs="+", default=["cp", "tsv", "svd"], help="merges of the cluster adapters")
+    p.add_argument("--tc-methods", nargs="+", default=["cp/weighted", "cp/selected", "tsv", "iso_c", "svd"],
+                   help="merges of the cluster adapters at output rank r (cp/selected: the CP configuration with the "
+                        "best validation mean on the first seed)")
     p.add_argument("--check-generate", type=int, default=None,
                    help="test prompts per task checked against greedy generate() (first seed)")
     p.add_argument("--check-linearity", choices=["all", "cheap"], default=None,
@@ -142,25 +155,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _summary(per_seed: dict[int, dict[str, float]], own: dict[int, dict[str, float]], tasks: list[str]) -> dict:
-    """Mean and sample std over seeds of each task, of the task mean, and of the normalized mean."""
-    def ms(xs):
-        xs = [x for x in xs if x is not None and not math.isnan(x)]
-        if not xs:
-            return [float("nan"), float("nan")]
-        m = sum(xs) / len(xs)
-        s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-        return [m, s]
+def _ms(xs) -> list[float]:
+    """[mean, sample std] of the non-NaN values (std 0 for one value, NaN for none)."""
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return [float("nan"), float("nan")]
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return [m, s]
 
+
+def _summary(per_seed: dict[int, dict[str, float]], own: dict[int, dict[str, float]], tasks: list[str],
+             heldout: list[str] = ()) -> dict:
+    """Mean and sample std over seeds of each task, of the task mean, of the normalized mean and of the held-out
+    tasks' mean."""
     seeds = sorted(per_seed)
-    out: dict[str, Any] = {"per_task": {t: ms([per_seed[s][t] for s in seeds]) for t in tasks}}
-    out["mean"] = ms([sum(per_seed[s][t] for t in tasks) / len(tasks) for s in seeds])
+    every = list(tasks) + [t for t in heldout if any(t in per_seed[s] for s in seeds)]
+    out: dict[str, Any] = {"per_task": {t: _ms([per_seed[s].get(t, float("nan")) for s in seeds]) for t in every}}
+    out["mean"] = _ms([sum(per_seed[s][t] for t in tasks) / len(tasks) for s in seeds])
     norms = []
     for s in seeds:
         ratios = [per_seed[s][t] / own[s][t] for t in tasks if s in own and own[s].get(t, 0) > 0]
         norms.append(sum(ratios) / len(ratios) if ratios else float("nan"))
-    out["normalized"] = ms(norms)
+    out["normalized"] = _ms(norms)
+    present = [t for t in heldout if all(t in per_seed[s] for s in seeds)]
+    out["heldout_mean"] = _ms([sum(per_seed[s][t] for t in present) / len(present) for s in seeds]
+                              if present else [])
     out["seeds"] = seeds
+    return out
+
+
+def _compare(hits: dict[str, dict], summary: dict, labels: list[str], references: list[str], tasks: list[str],
+             key: str, n_resamples: int) -> dict[str, Any]:
+    """Each of ``labels`` against the best of ``references`` (highest ``summary[...][key]`` mean on test: the
+    strongest baseline, which is conservative for the others): the mean difference over the common seeds and its
+    paired bootstrap 95% interval over the test prompts of ``tasks``."""
+    from peft_cp_merge.evaluate import paired_difference
+
+    refs = [r for r in references if r in summary and r in hits and not math.isnan(summary[r][key][0])]
+    if not refs or not tasks:
+        return {}
+    best = max(refs, key=lambda r: summary[r][key][0])
+    out: dict[str, Any] = {"reference": best, "rows": {}}
+    for label in labels:
+        if label not in hits or label == best:
+            continue
+        seeds = sorted(set(hits[label]) & set(hits[best]), key=int)
+        if not seeds or any(t not in hits[label][s] for s in seeds for t in tasks):
+            continue
+        cells_a = [[c == "1" for c in hits[label][s][t]] for s in seeds for t in tasks]
+        cells_b = [[c == "1" for c in hits[best][s][t]] for s in seeds for t in tasks]
+        out["rows"][label] = {**paired_difference(cells_a, cells_b, n_resamples=n_resamples),
+                              "seeds": [int(s) for s in seeds]}
     return out
 
 
@@ -191,8 +237,11 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
                fixed_lambda: float | None, modes: dict[str, dict], checks: dict[str, Any], check: bool, val, test,
                args, clock: Clock, prefix: str = "") -> dict[str, dict]:
     """Merge one group of configurations (same method, output ranks ascending) at lambda = 1, check linearity
-    (``check``), choose lambda on validation with the lowest-rank member (or use ``fixed_lambda``), and evaluate
-    every member on test at that lambda. Returns ``{label: run record}``; removes its adapters."""
+    (``check``), choose lambda on validation with the lowest-rank member (or use ``fixed_lambda``, or the spec's
+    ``fixed_weight``), and evaluate every member on ``test`` (in-domain and held-out tasks) at that lambda. Returns
+    ``{label: run record}`` with per-prompt hits; removes its adapters."""
+    if group[0].fixed_weight is not None:
+        fixed_lambda = group[0].fixed_weight * len(adapters)
     names = {s.label: f"m{i}" for i, s in enumerate(group)}
     merge_s: dict[str, float] = {}
     sliced = group[0].combination_type in PEFT_SVD_METHODS and len(group) > 1
@@ -231,17 +280,17 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
                             checks["svd_slice"]["rel_err"])
         clock.add(f"{prefix}linearity_check", time.perf_counter() - t0)
 
-    def evaluate_at(spec: MergeSpec, lam: float, data) -> dict[str, float]:
+    def evaluate_at(spec: MergeSpec, lam: float, data) -> dict[str, list[bool]]:
         mode, name = modes[spec.label]["mode"], names[spec.label]
         if mode == "ignored" or lam == 1.0:
-            return evaluate(pm, tok, name, data, args.eval_batch_size)
+            return evaluate_hits(pm, tok, name, data, args.eval_batch_size)
         if mode == "linear":
             with Scaled(pm, name, lam):
-                return evaluate(pm, tok, name, data, args.eval_batch_size)
+                return evaluate_hits(pm, tok, name, data, args.eval_batch_size)
         merge(pm, spec, adapters, lam, "probe", seed)
-        acc = evaluate(pm, tok, "probe", data, args.eval_batch_size)
+        hits = evaluate_hits(pm, tok, "probe", data, args.eval_batch_size)
         pm.delete_adapter("probe")
-        return acc
+        return hits
 
     lead = group[0]
     curve = None
@@ -249,21 +298,25 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
     if fixed_lambda is not None:
         best = fixed_lambda
     elif modes[lead.label]["mode"] == "ignored":
-        once = evaluate_at(lead, 1.0, val)
-        best, curve = search_lambda(lambda lam: once, lambdas)
+        once = accuracies(evaluate_at(lead, 1.0, val))
+        best, curve = search_lambda(lambda lam: once, lambdas[:1])
     else:
-        best, curve = search_lambda(lambda lam: evaluate_at(lead, lam, val), lambdas)
+        best, curve = search_lambda(lambda lam: accuracies(evaluate_at(lead, lam, val)), lambdas)
     search_s = time.perf_counter() - t0
     clock.add(f"{prefix}lambda_search", search_s)
     out = {}
     for s in group:
         t0 = time.perf_counter()
-        acc = evaluate_at(s, best, test)
+        hits = evaluate_at(s, best, test)
+        acc = accuracies(hits)
         test_s = time.perf_counter() - t0
         clock.add(f"{prefix}test_eval", test_s)
         ignored = modes[s.label]["mode"] == "ignored"
-        out[s.label] = {"test": acc, "lambda": None if ignored else best,
-                        "lambda_source": "searched" if fixed_lambda is None else "reused from the first seed",
+        source = ("searched" if fixed_lambda is None else "fixed weights" if s.fixed_weight is not None
+                  else "reused from the first seed")
+        edge = curve is not None and not ignored and best in (min(lambdas), max(lambdas))
+        out[s.label] = {"test": acc, "hits": pack_hits(hits), "lambda": None if ignored else best,
+                        "lambda_at_grid_edge": edge, "lambda_source": source,
                         "lambda_searched_on": lead.label,
                         "val_curve": None if curve is None or s is not lead else {str(k): v for k, v in curve.items()},
                         "merge_seconds": merge_s[s.label], "search_seconds": search_s if s is lead else 0.0,
@@ -308,7 +361,10 @@ def main(argv=None) -> dict:
     splits = make_splits(tasks, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=0)
     train = {t: splits[t]["train"] for t in tasks}
     val = {t: splits[t]["validation"] for t in tasks}
-    test = {t: splits[t]["test"] for t in tasks}
+    heldout = [t for t in args.heldout if t not in tasks]
+    # held-out tasks: test prompts only, evaluated with every merge at its lambda (nothing is tuned on them)
+    test = {t: splits[t]["test"] for t in tasks} | {t: make_examples(t, args.n_heldout, split="test", seed=0)
+                                                    for t in heldout}
     clock.add("load_model_and_data", time.perf_counter() - t0)
 
     cfg = AdapterConfig(model=model_id, rank=r, alpha=args.alpha, target_modules=tuple(args.targets),
@@ -319,20 +375,22 @@ def main(argv=None) -> dict:
     logger.info("%d merge configurations: %s", len(specs), ", ".join(s.label for s in specs))
 
     t0 = time.perf_counter()
-    base_acc = {t: sum(h) / len(h) for t in tasks
-                for h in [exact_match(base, tok, test[t], batch_size=args.eval_batch_size)]}
+    base_hits = {t: exact_match(base, tok, test[t], batch_size=args.eval_batch_size) for t in test}
+    base_acc = accuracies(base_hits)
     clock.add("eval_base", time.perf_counter() - t0)
-    logger.info("base model: test mean %.3f %s", sum(base_acc.values()) / T, base_acc)
+    logger.info("base model: test mean %.3f %s", sum(base_acc[t] for t in tasks) / T, base_acc)
 
     results: dict[str, dict[int, dict[str, float]]] = {"base model": {s: base_acc for s in seeds},
                                                        "own adapter": {}, "joint adapter": {}}
     merge_runs: dict[str, dict[int, dict]] = {s.label: {} for s in specs}
+    hits: dict[str, dict[int, dict[str, str]]] = {"base model": {s: pack_hits(base_hits) for s in seeds}}
     modes: dict[str, dict] = {}
     checks: dict[str, Any] = {"generate": []}
     adapter_info: dict[int, dict] = {}
     tc: dict[str, Any] = {"seeds": ref_seeds, "runs": {}}
     first = seeds[0]
-    state = dict(args=args, tasks=tasks, seeds=seeds, specs=specs, skipped=skipped, modes=modes, results=results,
+    state = dict(args=args, tasks=tasks, heldout=heldout, hits=hits, seeds=seeds, specs=specs, skipped=skipped,
+                 modes=modes, results=results,
                  merge_runs=merge_runs, adapter_info=adapter_info, checks=checks, tc=tc, clock=clock,
                  t_start=t_start, cfg=cfg)
 
@@ -343,10 +401,13 @@ def main(argv=None) -> dict:
         clock.add("train_or_load_adapters", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        results["own adapter"][seed] = {t: evaluate(pm, tok, t, {t: test[t]}, args.eval_batch_size)[t]
-                                        for t in tasks}
+        own_hits = {t: evaluate_hits(pm, tok, t, {t: test[t]}, args.eval_batch_size)[t] for t in tasks}
+        results["own adapter"][seed] = accuracies(own_hits)
+        hits.setdefault("own adapter", {})[seed] = pack_hits(own_hits)
         if seed in ref_seeds:
-            results["joint adapter"][seed] = evaluate(pm, tok, "joint", test, args.eval_batch_size)
+            joint_hits = evaluate_hits(pm, tok, "joint", test, args.eval_batch_size)
+            results["joint adapter"][seed] = accuracies(joint_hits)
+            hits.setdefault("joint adapter", {})[seed] = pack_hits(joint_hits)
         clock.add("eval_own_joint", time.perf_counter() - t0)
         logger.info("seed %d: own adapters %s; joint %s", seed, results["own adapter"][seed],
                     results["joint adapter"].get(seed))
@@ -366,6 +427,7 @@ def main(argv=None) -> dict:
             runs = _run_group(pm, tok, group, tasks, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
                               checks=checks, check=seed == first, val=val, test=test, args=args, clock=clock)
             for label, run in runs.items():
+                hits.setdefault(label, {})[seed] = run.pop("hits")
                 merge_runs[label][seed] = run
                 results.setdefault(label, {})[seed] = run["test"]
 
@@ -380,17 +442,35 @@ def main(argv=None) -> dict:
             clock.add("generate_check", time.perf_counter() - t0)
 
         if seed in ref_seeds and args.tc_k:
-            _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, tc, clock)
+            _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, hits, tc,
+                    clock, selected_cp(specs, merge_runs, first))
         base = pm.unload()  # the bare base model again, for the next seed
         if seed != seeds[-1]:
             _write(**state, partial=True)
     return _write(**state, partial=False)
 
 
-def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, tc, clock) -> None:
+def selected_cp(specs: list[MergeSpec], merge_runs: dict[str, dict[int, dict]], seed: int) -> MergeSpec | None:
+    """The CP configuration with the best validation mean (its best lambda) on ``seed``: the one the protocol picks,
+    on validation data only. Configurations without a lambda search (the authors' fixed weights) are not
+    candidates."""
+    best, best_val = None, -1.0
+    for s in specs:
+        run = merge_runs.get(s.label, {}).get(seed)
+        if not s.is_cp or s.fixed_weight is not None or not run or not run.get("val_curve"):
+            continue
+        val = max(c["mean"] for c in run["val_curve"].values())
+        if val > best_val:
+            best, best_val = s, val
+    return best
+
+
+def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, hits, tc, clock,
+            selected: MergeSpec | None) -> None:
     from benchmarks.quality.tc import routed_accuracy, train_tc_library
 
     T, r = len(train), args.rank
+    tc["selected_cp"] = selected.label if selected else None
     for mult in args.tc_k:
         k = max(2, round(mult * T))
         t0 = time.perf_counter()
@@ -403,13 +483,20 @@ def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, la
         run["routed"] = routed_accuracy(pm, tok, lib, test, args.eval_batch_size)
         clock.add("tc_routed_eval", time.perf_counter() - t0)
         results.setdefault(f"TC k={k}: routed cluster adapter", {})[seed] = run["routed"]
-        tc_specs, _ = build_specs(r, k, args.density, [r], [m if m != "cp" else "cp/weighted" for m in
-                                                            args.tc_methods])
-        tc_specs = [s for s in tc_specs if s.method in args.tc_methods or s.method == "cp/weighted"]
+        candidates, _ = build_specs(r, k, args.density, [r], None)
+        tc_specs: list[MergeSpec] = []
+        for name in args.tc_methods:
+            if name == "cp/selected":
+                spec = selected
+            else:
+                spec = next((s for s in candidates if s.method == name and s.out_rank in (r, None)), None)
+            if spec is not None and spec.label not in {s.label for s in tc_specs}:
+                tc_specs.append(spec)
         for spec in tc_specs:
             m = _run_group(pm, tok, [spec], names, seed, lambdas=lambdas, fixed_lambda=None, modes=modes,
                            checks=checks, check=spec.label not in modes, val=val, test=test, args=args, clock=clock,
                            prefix="tc_")[spec.label]
+            hits.setdefault(f"TC k={k}: {spec.label}", {})[seed] = m.pop("hits")
             run["merges"][spec.label] = m
             results.setdefault(f"TC k={k}: {spec.label}", {})[seed] = m["test"]
         for n in names:
@@ -417,14 +504,24 @@ def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, la
         tc["runs"].setdefault(str(seed), {})[str(k)] = run
 
 
-def _write(*, args, tasks, seeds, specs, skipped, modes, results, merge_runs, adapter_info, checks, tc, clock,
-           t_start, cfg, partial: bool) -> dict:
+def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results, merge_runs, adapter_info, checks,
+           tc, clock, t_start, cfg, partial: bool) -> dict:
     from dataclasses import asdict
 
     from benchmarks.quality.report import write_markdown, write_plot
 
     own = results["own adapter"]
-    summary = {label: _summary(per_seed, own, tasks) for label, per_seed in results.items() if per_seed}
+    summary = {label: _summary(per_seed, own, tasks, heldout) for label, per_seed in results.items() if per_seed}
+    merges = [s.label for s in specs]
+    non_cp = [s.label for s in specs if not s.is_cp]
+    tc_labels = [label for label in hits if label.startswith("TC ")]
+    tc_non_cp = [label for label in tc_labels if "cp/" not in label]
+    comparison = {
+        "in_domain": _compare(hits, summary, merges, non_cp, tasks, "mean", args.bootstrap),
+        "heldout": _compare(hits, summary, merges, non_cp, heldout, "heldout_mean", args.bootstrap),
+        "tc_in_domain": _compare(hits, summary, tc_labels, tc_non_cp, tasks, "mean", args.bootstrap),
+        "tc_heldout": _compare(hits, summary, tc_labels, tc_non_cp, heldout, "heldout_mean", args.bootstrap),
+    }
     wall = {k: round(v, 1) for k, v in clock.t.items()}
     wall["total"] = round(time.perf_counter() - t_start, 1)
     data = {
@@ -440,15 +537,18 @@ def _write(*, args, tasks, seeds, specs, skipped, modes, results, merge_runs, ad
         "platform": platform.platform(),
         "versions": _versions(),
         "tasks": tasks,
+        "heldout_tasks": {t: list(HELD_OUT[t]) for t in heldout},
         "seeds": seeds,
-        "data": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "data_seed": 0},
+        "data": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "n_heldout": args.n_heldout,
+                 "data_seed": 0},
         "adapter_config": {**asdict(cfg), "target_modules": list(cfg.target_modules), "warmup_steps": 5,
                            "optimizer": "AdamW (weight decay 0), linear schedule, grad clip 1.0", "dropout": 0.0},
         "protocol": {
             "weights": "lambda / T for each of the T adapters (lambda / k for k cluster adapters)",
             "lambda_grid": [float(x) for x in args.lambdas],
-            "lambda_search": ("mean validation exact match, searched with the lowest output rank of each method and "
-                              "used for its other ranks; "
+            "lambda_search": ("mean validation exact match, walking the grid upwards until two values in a row "
+                              "score below the best (the same rule for every method), searched with the lowest "
+                              "output rank of each method and used for its other ranks; "
                               + ("on the first seed, reused for the others" if args.search_seeds == "first"
                                  else "on every seed")),
             "merge_evaluation": ("each configuration merged once at lambda = 1 and evaluated at lambda by scaling "
@@ -458,6 +558,11 @@ def _write(*, args, tasks, seeds, specs, skipped, modes, results, merge_runs, ad
             "density": args.density,
             "output_ranks": [m * args.rank for m in args.rank_mults],
             "std": "sample standard deviation over seeds (0 for one seed)",
+            "interval": ("difference to the best non-CP merge (highest test mean), paired bootstrap 95% interval "
+                         f"over the test prompts ({args.bootstrap} resamples, same prompts for both methods and "
+                         "every seed; seeds fixed)"),
+            "heldout": "held-out tasks: no adapter is trained on them; every merge at the lambda chosen on the "
+                       "trained tasks' validation data",
             "normalized": "mean over tasks of merged / own-adapter accuracy (tasks with own accuracy > 0)",
             "ref_seeds": tc["seeds"],
             "ref_note": "the joint adapter and the TC-LoRA libraries are trained on the first ref_seeds seeds only",
@@ -469,6 +574,8 @@ def _write(*, args, tasks, seeds, specs, skipped, modes, results, merge_runs, ad
         "linearity": modes,
         "results": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in results.items()},
         "summary": summary,
+        "comparison": comparison,
+        "hits": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in hits.items()},
         "merge_runs": {label: {str(s): v for s, v in runs.items()} for label, runs in merge_runs.items()},
         "adapters": {str(s): v for s, v in adapter_info.items()},
         "generate_check": checks["generate"],

@@ -238,14 +238,25 @@ def check_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | tor
     at = f" in module {where!r}" if where else ""
     if not factors:
         raise MergeInputError(f"No adapter factors to merge{at}.")
-    check_weights(weights, len(factors))
+    values = check_weights(weights, len(factors))
     shape = factors[0].shape
     for t, f in enumerate(factors):
+        if not (isinstance(f.A, torch.Tensor) and isinstance(f.B, torch.Tensor)):
+            raise MergeInputError(f"Adapter {t}{at}: LoRA factors must be torch tensors, got {type(f.A).__name__} "
+                                  f"and {type(f.B).__name__}.")
+        if not (f.A.is_floating_point() and f.B.is_floating_point()):
+            raise MergeInputError(
+                f"Adapter {t}{at} has {f.A.dtype}/{f.B.dtype} LoRA factors; only floating-point factors can be "
+                "merged. Dequantize or convert the adapter to float32/bfloat16/float16 first."
+            )
         if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
             raise MergeInputError(
                 f"Adapter {t}{at} has inconsistent LoRA factors A {tuple(f.A.shape)} and B {tuple(f.B.shape)}: "
                 "expected A (r, in) and B (out, r)."
             )
+        if f.A.shape[0] < 1:
+            raise MergeInputError(f"Adapter {t}{at} has rank-0 LoRA factors (A {tuple(f.A.shape)}); an adapter "
+                                  "needs rank >= 1. Remove it from the merge.")
         if f.shape != shape:
             raise MergeInputError(
                 f"Adapters have incompatible shapes{at}: adapter 0 updates a {shape} weight, adapter {t} a "
@@ -254,4 +265,17 @@ def check_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | tor
         if not (_all_finite(f.A) and _all_finite(f.B) and math.isfinite(f.scaling)):
             raise MergeInputError(
                 f"Adapter {t}{at} has non-finite (NaN/inf) LoRA weights or scaling; retrain or repair that adapter."
+            )
+        # The methods square the stacked factors B_t and w_t s_t A_t (Gram matrices, SVDs): entries beyond 1e15
+        # (1e150 for float64 factors) overflow the float32 (float64) computation and can corrupt the result
+        # without an error. A trained adapter's entries are of order 1.
+        limit = 1e150 if f.A.dtype == torch.float64 else 1e15
+        largest = max(float(torch.linalg.vector_norm(f.B, ord=math.inf)) if f.B.numel() else 0.0,
+                      (float(torch.linalg.vector_norm(f.A, ord=math.inf)) if f.A.numel() else 0.0)
+                      * abs(f.scaling * values[t]))
+        if largest > limit:
+            raise MergeInputError(
+                f"Adapter {t}{at} has LoRA factor entries up to {largest:.3g} (A times its weight and scaling); "
+                f"beyond {limit:.0e} the merge's products overflow {'float64' if limit > 1e100 else 'float32'} "
+                "(a trained adapter's entries are of order 1). Rescale or repair the adapter, or use smaller weights."
             )
