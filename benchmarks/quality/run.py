@@ -1,6 +1,6 @@
 """Merge quality on a real LM: per-task LoRA adapters merged by PEFT's methods and ours, scored by exact match.
 
-    python -m benchmarks.quality                  # full run: 8 tasks, 3 seeds, embedded SmolLM2-135M-Instruct
+    python -m benchmarks.quality                  # full run: 6 tasks, 3 seeds, embedded SmolLM2-135M-Instruct
     python -m benchmarks.quality --quick          # 3 tasks, 1 seed, fewer steps/examples (a few minutes)
     python benchmarks/quality/run.py --model HuggingFaceTB/SmolLM2-360M-Instruct --n-test 200   # any causal LM
 
@@ -12,17 +12,20 @@ Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_mer
    adapter init, data order and the merges' random parts (DARE); data and splits are the same for every seed.
    References: the base model, each task's own adapter, and a joint adapter trained on all tasks' data with the
    same total steps (on the first ``--ref-seeds`` seeds).
-3. Merges through ``PeftModel.add_weighted_adapter`` with weights ``lambda / T``. PEFT: linear, cat, svd, ties_svd,
-   dare_ties_svd, magnitude_prune_svd; ours: tsv, knots, cp (3 variants); output ranks r and 2r where the method
-   has one; ``density`` 0.5 for every method that has one. lambda from one grid, by mean validation exact match
-   (on the first seed with the rank-r configuration; reused for 2r and the other seeds unless
-   ``--search-seeds all``). How merges are evaluated at several lambdas cheaply, and how that is verified: see
-   ``benchmarks/quality/merging.py``.
-4. Metrics on the test split: per task, mean, and normalized accuracy (merged / the task's own adapter, over
-   tasks whose own adapter scores > 0); mean +- sample std over seeds.
-5. TC-LoRA: the pooled training data clustered into k = T and 2T clusters by the library trainer, one adapter per
-   cluster (each library: the same total steps as the T per-task adapters), merged with cp / tsv / svd; cluster
-   purity and NMI against the true tasks; on the first ``--ref-seeds`` seeds.
+3. Merges through ``PeftModel.add_weighted_adapter`` with weights ``lambda / T`` (configurations: see
+   ``merging.build_specs``: PEFT's types, tsv, knots, iso_c, iso_cts, core_ties, ten CP variants; ``cp/authors`` with
+   the authors' fixed weights 1.0). lambda from one grid, walked upwards on validation until two values in a row
+   score below the best (``merging.search_lambda``), on the first seed with the lowest output rank, reused for the
+   other ranks and seeds unless ``--search-seeds all``. How merges are evaluated at several lambdas cheaply, and
+   how that is verified: see ``benchmarks/quality/merging.py``.
+4. Metrics on the test split: per task, mean, normalized accuracy (merged / the task's own adapter), mean +- sample
+   std over seeds; held-out tasks (``peft_cp_merge.tasks.HELD_OUT``, no adapter trained on them) in their own
+   column; every merge's difference to the best non-CP merge with a paired bootstrap 95% interval over the test
+   prompts (per-prompt hits are stored in the JSON).
+5. TC-LoRA: the pooled training data clustered into k = T clusters by the library trainer, one adapter per cluster
+   (the same total steps as the T per-task adapters), merged with cp/weighted, the CP configuration with the best
+   validation mean (``cp/selected``), tsv, iso_c and svd; cluster purity and NMI against the true tasks; on the
+   first ``--ref-seeds`` seeds.
 
 Writes ``quality.md``, ``quality.json`` and ``quality.png`` to ``--out`` (default ``benchmarks/results``).
 """
