@@ -52,3 +52,9 @@ def pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
     A = torch.cat([f.A, f.A.new_zeros(extra, f.A.shape[1])], dim=0)
     B = torch.cat([f.B, f.B.new_zeros(f.B.shape[0], extra)], dim=1)
     return LoraFactors(A, B, f.scaling)
+
+
+def zero_update(factors: list[LoraFactors]) -> LoraFactors:
+    """Rank-1 zero factors of the modules' shape: the merge when every update is zero."""
+    out, inn = factors[0].shape
+    return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)

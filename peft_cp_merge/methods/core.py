@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import balanced, stacked
+from ._linalg import balanced, stacked, zero_update
 from .knots import _validate as _validate_ties
 from .knots import ties_merge
 from .registry import LoraFactors, merge_method
@@ -116,7 +116,6 @@ def core_ties_merge(
     merged = ties_merge(cores, weights, float(density), majority_sign_method)  # (k1, k2)
     P, s, Qh = torch.linalg.svd(merged, full_matrices=False)
     if s.numel() == 0 or not s[0] > 0:  # every update is zero
-        out, inn = factors[0].shape
-        return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)
+        return zero_update(factors)
     k = min(rank, s.numel())
     return balanced(U_B @ P[:, :k], s[:k], V_A @ Qh[:k].T)

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeInputError
-from ._linalg import balanced, stacked
+from ._linalg import balanced, stacked, zero_update
 from .registry import LoraFactors, merge_method
 from .svd import truncated_svd
 from .tsv import polar, task_svd
@@ -85,11 +85,6 @@ _REFERENCE = (
     "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
     "ICML 2025; code github.com/danielm1405/iso-merging (src/utils/iso.py)"
 )
-
-
-def _zero(factors: list[LoraFactors]) -> LoraFactors:
-    out, inn = factors[0].shape
-    return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)
 
 
 def sum_svd(factors: list[LoraFactors], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +102,7 @@ def iso_c_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int)
     """Iso-C of one module's adapters; output rank ``min(rank, K)`` (see the module docstring)."""
     U, s, V = sum_svd(factors, weights)
     if s.numel() == 0:  # every update is zero
-        return _zero(factors)
+        return zero_update(factors)
     k = min(rank, s.numel())
     return balanced(U[:, :k], s.mean().expand(k), V[:, :k])
 
@@ -167,6 +162,6 @@ def iso_cts_merge(
         Vs.append(V_t[:, :m])
     S_all = torch.cat(Ss)
     if S_all.numel() == 0:  # every update is zero
-        return _zero(factors)
+        return zero_update(factors)
     U_hat, V_hat = torch.cat(Us, dim=1), torch.cat(Vs, dim=1)
     return balanced(polar(U_hat), S_all.mean().expand(S_all.numel()), polar(V_hat))

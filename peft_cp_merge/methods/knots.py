@@ -54,7 +54,7 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
 
 from ..errors import MergeInputError
-from ._linalg import balanced
+from ._linalg import balanced, zero_update
 from .registry import LoraFactors, merge_method
 
 SIGN_METHODS = ("total", "frequency")
@@ -133,8 +133,7 @@ def knots_merge(
     """KnOTS-TIES of one module's adapters; output rank ``<= min(rank, sum_t r_t)`` (see the module docstring)."""
     U, _, coords = knots_basis(factors)
     if U.shape[1] == 0:  # every singular value below the threshold: nothing to merge
-        out, inn = factors[0].shape
-        return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)
+        return zero_update(factors)
     merged = ties_merge(coords, weights, float(density), majority_sign_method)  # (K, in)
     P, s, Qh = torch.linalg.svd(merged, full_matrices=False)
     k = min(rank, s.numel())

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import balanced
+from ._linalg import balanced, zero_update
 from .registry import LoraFactors, merge_method
 
 
@@ -90,7 +90,7 @@ def tsv_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int) -
         chosen = set(torch.argsort(strength, descending=True, stable=True)[:budget].tolist())
         cand = [c for j, c in enumerate(cand) if j in chosen]
     if not cand:  # every update is zero
-        return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)
+        return zero_update(factors)
     U_hat = torch.stack([parts[t][0][:, i] for t, i in cand], dim=1)
     V_hat = torch.stack([parts[t][2][:, i] for t, i in cand], dim=1)
     S_w = torch.stack([weights[t] * parts[t][1][i] for t, i in cand])
