@@ -94,3 +94,28 @@ def assert_loads_with_plain_peft(adapter_dir, x, expected, rank, tmp_path, rtol=
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"OK {rank}" in res.stdout
+
+
+def random_factors(ranks, out=14, inn=11, dtype=torch.float64, seed=0):
+    """Random LoRA factors of the given ranks, task t with scaling 0.5 + 0.25 t (the baselines' test inputs)."""
+    from peft_cp_merge import LoraFactors
+
+    g = torch.Generator().manual_seed(seed)
+    return [
+        LoraFactors(torch.randn(r, inn, generator=g, dtype=dtype), torch.randn(out, r, generator=g, dtype=dtype),
+                    0.5 + 0.25 * t)
+        for t, r in enumerate(ranks)
+    ]
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
+
+
+def lora_layers(model):
+    """The PeftModel's LoRA layers by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {k: m for k, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}

@@ -3,30 +3,14 @@
 import pytest
 import torch
 from _models import delta_matrix, make_peft_model
-from peft.tuners.lora import LoraLayer
+from _models import lora_layers as _layers
+from _models import random_factors as _factors
+from _models import rel_err as _rel
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
 from peft_cp_merge.peft_glue import get_lora_factors
 
 svd, tsv, knots = (get_merge_method(n) for n in ("svd", "tsv", "knots"))
-
-
-def _factors(ranks, out=14, inn=11, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        LoraFactors(torch.randn(r, inn, generator=g, dtype=dtype), torch.randn(out, r, generator=g, dtype=dtype),
-                    0.5 + 0.25 * t)
-        for t, r in enumerate(ranks)
-    ]
-
-
-def _rel(a, b):
-    a, b = a.detach(), b.detach()
-    return float((a - b).norm() / b.norm())
-
-
-def _layers(model):
-    return {k: m for k, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
 
 
 # ---------------------------------------------------------------- dense references, from the papers' formulas
