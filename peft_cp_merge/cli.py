@@ -24,11 +24,18 @@ from .errors import PeftCpMergeError
 logger = logging.getLogger("peft_cp_merge")
 
 
-def _option(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
+    """The one ``KEY=VALUE`` parser of the command line (``--option``, ``--set``): the value is read as YAML
+    (``4`` -> int, ``[a, b]`` -> list, empty -> None); ``-`` in the key reads as ``_``. An argparse ``type``."""
     key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cp_init=svd), got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({' '.join(str(e).split())})"
+                                         ) from None
 
 
 def _add_merge(sub) -> None:
@@ -46,7 +53,7 @@ def _add_merge(sub) -> None:
     p.add_argument("--weights", nargs="+", type=float, help="one weight per source (default 1/T each)")
     p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest source rank; at most "
                    "the sum of the source ranks and the layers' min(out, in))")
-    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option cp_variant=sign_elect --option cp_n_iter_max=200 "
                    "(repeatable; values parsed as YAML)")
     p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
@@ -158,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s")
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``args.func(args)``, with bad input (our errors, an unusable path) as one line on stderr and exit code 2."""
     try:
         return args.func(args)
     except PeftCpMergeError as e:  # LibraryError included

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ._io import atomic_folder
+from .errors import PeftCpMergeError
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,14 @@ def default_model_path() -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tok.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-smollm2-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a concurrent or killed conversion never leaves a half-written model
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:  # atomic: a concurrent or killed conversion never leaves a half-written model
+        atomic_folder(target, write, overwrite=target.exists())  # a folder without config.json is replaced
+    except FileExistsError:  # another process converted it meanwhile
         if not (target / "config.json").exists():
             raise
     return target
@@ -85,10 +86,19 @@ def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: torch.dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    local = Path(path)
+    if not local.is_dir() and (local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise PeftCpMergeError(f"Base model {path!r}: no such model folder, and not a Hub id (org/name). Pass a "
+                               "folder with config.json and safetensors weights, a Hub id, or leave it unset for "
+                               "the embedded SmolLM2-135M-Instruct.")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except OSError as e:  # transformers' "not found / not cached / no weights" errors
+        raise PeftCpMergeError(f"Cannot load the base model {path!r}: {' '.join(str(e).split())[:300]} Check the "
+                               "name; offline (HF_HUB_OFFLINE=1) it must already be in the Hugging Face cache.") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if device is not None:
         model.to(device)
     return model, tok

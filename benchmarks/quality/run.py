@@ -75,7 +75,7 @@ logger = logging.getLogger("benchmarks.quality")
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TASKS = ["sort", "reverse", "count", "max", "record", "month"]
 QUICK_TASKS = ["reverse", "record", "month"]
-LAMBDAS = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0]
+LAMBDAS = [0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0]
 FULL = dict(seeds=[0, 1, 2], steps=40, lr=5e-3, n_train=400, n_val=24, n_test=60, n_heldout=40, tc_k=[1],
             rank_mults=[1, 2], lambdas=LAMBDAS, check_generate=4, check_linearity="cheap", targets=LLAMA_TARGETS,
             heldout=list(HELD_OUT), methods=None)

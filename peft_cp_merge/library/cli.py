@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import LibraryTrainConfig, parse_overrides
-from .errors import LibraryError
+from ..cli import key_value
+from .config import LibraryTrainConfig
+from .errors import LibraryConfigError
 
 
 def _yaml_value(text: str):
@@ -33,7 +34,7 @@ def _add_train(sub) -> None:
         "the per-field flags below (values parsed as YAML: null, 4, [q_proj, v_proj]).",
     )
     p.add_argument("--config", type=Path, default=None, help="YAML file with LibraryTrainConfig fields")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+    p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     g = p.add_argument_group("config fields (override --config)")
@@ -52,7 +53,7 @@ def _add_train(sub) -> None:
 
 
 def config_from_args(args) -> LibraryTrainConfig:
-    overrides = parse_overrides(args.overrides)
+    overrides = dict(args.overrides)
     overrides.update({k.removeprefix("cfg_"): v for k, v in vars(args).items() if k.startswith("cfg_")})
     for k in ("dataset", "output_dir", "base_model", "embedding_model", "lr_scheduler"):
         if k in overrides and overrides[k] is not None:
@@ -101,18 +102,24 @@ def cmd_info(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from .._io import check_output_folder
     from .library import AdapterLibrary
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LibraryError(f"{out} exists and is not empty. Choose another --out or pass --overwrite.")
-    lib = AdapterLibrary.from_pretrained(args.library, clusters=args.clusters)
+    check_output_folder(out, overwrite=args.overwrite)  # before any work: an existing or unwritable --out
     weights = args.weights
-    if weights is not None:
-        weights = "size" if weights == ["size"] else [float(w) for w in weights]
-    options = parse_overrides(args.option)
+    if weights is not None and weights != ["size"]:
+        try:
+            weights = [float(w) for w in weights]
+        except ValueError:
+            raise LibraryConfigError(f"--weights {' '.join(weights)}: give one number per cluster, or 'size'."
+                                     ) from None
+    elif weights is not None:
+        weights = "size"
+    options = dict(args.option)
+    lib = AdapterLibrary.from_pretrained(args.library, clusters=args.clusters)
     merged = lib.merge(method=args.method, weights=weights, rank=args.rank, **options)
-    merged.save_pretrained(str(out), overwrite=out.exists())  # existing: empty, or --overwrite
+    merged.save_pretrained(out, overwrite=args.overwrite)
     print(f"Merged {len(lib.available)} cluster adapters with {args.method!r} into {out}")
     return 0
 
@@ -144,7 +151,7 @@ def add_library_commands(sub) -> None:
     p.add_argument("--weights", nargs="+", default=None,
                    help="one weight per cluster, or 'size' (weights proportional to cluster sizes)")
     p.add_argument("--clusters", nargs="+", type=int, default=None, help="merge only these clusters")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="merge-method option, e.g. --option cp_init=svd (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_merge)
@@ -168,16 +175,16 @@ def add_subcommands(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peft_cp_merge.library.cli", description=__doc__,
+    from ..cli import _Parser
+
+    parser = _Parser(prog="python -m peft_cp_merge.library.cli", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="library_command", metavar="{train,info,merge,push}", required=True)
     add_library_commands(sub)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except LibraryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from ..cli import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ help text, and ``--set key=value`` overrides any field (the value is parsed as Y
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,9 +117,22 @@ class LibraryTrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`LibraryConfigError` naming the field and the accepted values."""
+        """Raise :class:`LibraryConfigError` naming the field and the accepted values: every field's type first
+        (strictly: ``"4"`` is not a number, ``"no"`` not a boolean), then the ranges and choices."""
         def bad(name, msg):
             raise LibraryConfigError(f"Config field `{name}`: {msg}")
+
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        from pydantic import ValidationError
+
+        try:  # validated only: the values are kept as given (16 stays 16), so fingerprints do not change
+            _schema().model_validate(dataclasses.asdict(self))
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = ".".join(str(x) for x in err["loc"][:1]) or "?"
+            bad(name, f"{err['input']!r} is not valid ({err['msg'].lower()}; expected "
+                f"{_type_name(typing.get_type_hints(type(self))[name])}).")
 
         if self.parallel_mode not in PARALLEL_MODES:
             bad("parallel_mode", f"{self.parallel_mode!r} is not one of {list(PARALLEL_MODES)}.")
@@ -140,8 +155,8 @@ class LibraryTrainConfig:
             bad("max_steps", "must be >= 1 (or null to train num_epochs).")
         if self.max_steps is None and self.num_epochs <= 0:
             bad("num_epochs", "must be > 0.")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            bad("target_modules", "must name at least one module (e.g. [q_proj, v_proj]).")
 
     # --- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -181,17 +196,15 @@ class LibraryTrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` -> ``{key: yaml-parsed value}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise LibraryConfigError(f"--set expects key=value, got {item!r}.")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value != "" else None
-    return out
+@functools.cache
+def _schema():
+    """A strict pydantic model of :class:`LibraryTrainConfig`'s field types."""
+    from pydantic import ConfigDict, create_model
+
+    hints = typing.get_type_hints(LibraryTrainConfig)
+    return create_model("LibraryTrainConfigSchema", __config__=ConfigDict(strict=True, extra="forbid"),
+                        **{f.name: (hints[f.name], ...) for f in dataclasses.fields(LibraryTrainConfig)})
 
 
-def field_help() -> dict[str, str]:
-    """Field name -> its documentation."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(LibraryTrainConfig)}
+def _type_name(tp) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")

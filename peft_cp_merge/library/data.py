@@ -64,24 +64,14 @@ def read_rows(source: Any, *, split: str = "train", config_name: str | None = No
         pass
     path = Path(str(source))
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        elif suffix == ".json":
-            data = json.loads(path.read_text())
-            rows = data if isinstance(data, list) else data.get("data", data.get(split))
-            if not isinstance(rows, list):
-                raise LibraryDataError(f"{path}: a .json file must hold a list of examples (or {{'data': [...]}}).")
-        elif suffix == ".csv":
-            with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise LibraryDataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
-        return rows
+        try:
+            return _read_file(path, split)
+        except UnicodeDecodeError as e:
+            raise LibraryDataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}). Re-save it as UTF-8."
+                                   ) from None
+        except (json.JSONDecodeError, csv.Error) as e:
+            raise LibraryDataError(f"{path} is not valid {path.suffix[1:].upper()}: {e}. Fix or remove that line."
+                                   ) from None
     if path.exists() or str(source).startswith((".", "/")):
         raise LibraryDataError(f"{source}: not a data file. Point `dataset` at a .jsonl/.json/.csv/.parquet file.")
     import datasets
@@ -96,9 +86,37 @@ def read_rows(source: Any, *, split: str = "train", config_name: str | None = No
     return ds.to_list()
 
 
-def _text(value: Any, where: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        raise LibraryDataError(f"{where} is empty (None/NaN). Remove or fill such examples.")
+def _read_file(path: Path, split: str) -> list[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise json.JSONDecodeError(f"line {n}: {e.msg}", e.doc, e.pos) from None
+        return rows
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data.get("data", data.get(split)) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise LibraryDataError(f"{path}: a .json file must hold a list of examples (or {{'data': [...]}}).")
+        return rows
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise LibraryDataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
+
+
+def _text(value: Any, where: str, *, blank: bool = False) -> str:
+    """``value`` as text; None/NaN (and blank text unless ``blank``) is refused: nothing to learn from."""
+    if value is None or (isinstance(value, float) and value != value) or not (blank or str(value).strip()):
+        raise LibraryDataError(f"{where} is empty. Remove or fill such examples.")
     return str(value)
 
 
@@ -116,6 +134,10 @@ def normalize(
     rows = list(rows)
     if not rows:
         raise LibraryDataError("The dataset is empty (0 examples). Check the file, split or max_examples.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise LibraryDataError(f"Example {i} is a {type(row).__name__}, not an object of named fields "
+                                   "(e.g. {\"prompt\": ..., \"completion\": ...}).")
     cols = set(rows[0])
     if prompt_field in cols and completion_field in cols:
         kind = "prompt"
@@ -142,7 +164,7 @@ def normalize(
             raise LibraryDataError(f"Example {i} lacks field(s) {missing} (the first example has them). "
                                    "Every example needs the same fields.")
         if kind == "prompt":
-            p = _text(row[prompt_field], f"Example {i} `{prompt_field}`")
+            p = _text(row[prompt_field], f"Example {i} `{prompt_field}`", blank=True)
             c = _text(row[completion_field], f"Example {i} `{completion_field}`")
             out.append(Record(p, c, p if embed_on == "prompt" else p + c))
         elif kind == "text":

@@ -19,18 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text, default_mode
+from .._io import atomic_folder, atomic_write_json, atomic_write_text
 from .cluster import Routing, route_embeddings
-from .errors import LibraryError, LibraryExistsError, LibraryFormatError
+from .errors import LibraryConfigError, LibraryError, LibraryExistsError, LibraryFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -188,21 +186,13 @@ class AdapterLibrary:
                     "repo id, log in for private repos; offline (HF_HUB_OFFLINE=1) it must already be in the cache."
                 ) from e
         meta = _read_meta(path)
-        from safetensors.torch import load_file
-
-        cpath = path / CENTROIDS_FILE
-        if not cpath.is_file():
-            raise LibraryFormatError(f"{path} has no {CENTROIDS_FILE}; the library is incomplete.")
-        tensors = load_file(str(cpath))
         k = len(meta["clusters"])
-        if tensors["centroids"].shape[0] != k:
-            raise LibraryFormatError(f"{cpath} holds {tensors['centroids'].shape[0]} centroids but library.json "
-                                     f"lists {k} clusters; the library is corrupt.")
+        centroids, assignments = _read_centroids(path, k)
         wanted = list(range(k)) if clusters is None else list(clusters)
         bad = [i for i in wanted if not 0 <= i < k]
         if bad:
             raise LibraryError(f"Clusters {bad} do not exist; the library has clusters 0..{k - 1}.")
-        lib = cls(path, meta, tensors["centroids"], tensors.get("assignments"), available=wanted)
+        lib = cls(path, meta, centroids, assignments, available=wanted)
         if verify:
             lib.verify()
         return lib
@@ -225,17 +215,13 @@ class AdapterLibrary:
 
     # saving / pushing
     def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Copy the library (the loaded clusters) to ``save_directory``, atomically (temp folder + rename)."""
+        """Copy the library (the loaded clusters) to ``save_directory`` with :func:`peft_cp_merge._io.atomic_folder`
+        (temporary folder, then rename; an existing folder is refused unless ``overwrite``)."""
         dest = Path(save_directory)
-        if dest.resolve() == self.path.resolve():
+        if dest.exists() and dest.resolve() == self.path.resolve():
             return dest
-        if dest.exists() and any(dest.iterdir()):
-            if not overwrite:
-                raise LibraryExistsError(f"{dest} exists and is not empty. Choose another folder or pass "
-                                         "overwrite=True.")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
-        try:
+
+        def write(tmp: Path) -> None:
             meta = json.loads(json.dumps(self.meta))
             for i, c in enumerate(meta["clusters"]):
                 if i not in self.available:
@@ -248,14 +234,11 @@ class AdapterLibrary:
                 shutil.copytree(self.path / cluster_dirname(i), tmp / cluster_dirname(i))
             atomic_write_json(tmp / LIBRARY_FILE, meta)
             atomic_write_text(tmp / CARD_FILE, render_card(meta))
-            default_mode(tmp, folder=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
+
+        try:
+            return atomic_folder(dest, write, overwrite=overwrite)
+        except FileExistsError as e:
+            raise LibraryExistsError(str(e)) from None
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
                     commit_message: str | None = None, token: str | None = None):
@@ -300,26 +283,17 @@ class AdapterLibrary:
         ``weights``: ``None`` (the engine's default), one float per cluster, or ``"size"`` (each cluster weighted
         by its share of the training examples). ``options`` go to the merge method (e.g. ``cp_init``).
         """
-        try:
-            from peft_cp_merge import merge_adapters
-        except ImportError:
-            try:
-                from peft_cp_merge.engine import merge_adapters
-            except ImportError as e:
-                raise LibraryError(
-                    "AdapterLibrary.merge needs the adapter-file engine `peft_cp_merge.merge_adapters`, which this "
-                    "installation lacks. Upgrade peft-cp-merge, or merge in PEFT: "
-                    "lib.load_into(model).add_weighted_adapter(lib.adapter_names, weights, 'merged', "
-                    "combination_type='cp')."
-                ) from e
+        from ..engine import merge_adapters
+
         ids = self.available if clusters is None else [int(i) for i in clusters]
         if isinstance(weights, str):
             if weights != "size":
-                raise ValueError(f"weights={weights!r}: use None, a list of floats, or 'size'.")
+                raise LibraryConfigError(f"weights={weights!r}: use None, one number per cluster, or 'size'.")
             total = sum(self.sizes[i] for i in ids)
             weights = [self.sizes[i] / total for i in ids]
         if weights is not None and len(weights) != len(ids):
-            raise ValueError(f"{len(weights)} weights for {len(ids)} clusters; give one weight per cluster.")
+            raise LibraryConfigError(f"{len(weights)} weight(s) for {len(ids)} clusters {ids}: give one weight per "
+                                     "cluster, or 'size' (weights proportional to the cluster sizes).")
         sources = [str(self.adapter_path(i)) for i in ids]
         return merge_adapters(sources, weights=None if weights is None else list(weights), method=method,
                               rank=rank, **options)
@@ -340,17 +314,81 @@ class AdapterLibrary:
         return route_embeddings(embed_texts(texts, embedder), self.centroids, top_k=top_k, temperature=temperature)
 
 
+def _library_schema():
+    """pydantic models of the ``library.json`` fields this code reads (other fields are kept as they are)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Cluster(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        size: int = Field(ge=0)
+        status: str = "pending"
+        sha256: str | None = None
+        previews: list[str] = []
+
+    class Meta(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=True)
+        format: str
+        format_version: int = Field(ge=1)
+        embedding_model: str
+        base_model: str | None = None
+        clusters: list[Cluster] = Field(min_length=1, max_length=MAX_CLUSTERS)
+
+    return Meta
+
+
+MAX_CLUSTERS = 4096
+"""Most clusters a library may list (a ``library.json`` is untrusted: it must not decide how much we allocate)."""
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
+    """``library.json``, checked: JSON object, our format, a version we read, typed cluster entries."""
+    from pydantic import ValidationError
+
     f = path / LIBRARY_FILE
     if not f.is_file():
         raise LibraryFormatError(f"{path} has no {LIBRARY_FILE}: not an adapter library.")
     try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LibraryFormatError(f"{f} is not valid JSON ({e}); the library is corrupt.") from e
-    if meta.get("format") != FORMAT:
-        raise LibraryFormatError(f"{f} is not a {FORMAT} file.")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise LibraryFormatError(f"{f} has format version {meta.get('format_version')}; this peft-cp-merge reads "
-                                 f"up to {FORMAT_VERSION}. Upgrade peft-cp-merge.")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LibraryFormatError(f"{f} is not a {FORMAT} file (expected a JSON object with \"format\": "
+                                 f"\"{FORMAT}\").")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise LibraryFormatError(f"{f} has format version {version}; this peft-cp-merge reads up to "
+                                 f"{FORMAT_VERSION}. Upgrade peft-cp-merge.")
+    try:
+        checked = _library_schema().model_validate(meta)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise LibraryFormatError(f"{f}: field `{where}` {err['msg'].lower()} (got {err.get('input')!r:.60}); the "
+                                 "library is corrupt or was not written by peft-cp-merge. Re-download or retrain "
+                                 "it.") from None
+    meta["clusters"] = [c.model_dump() for c in checked.clusters]
     return meta
+
+
+def _read_centroids(path: Path, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``centroids`` (k x dim, finite floats) and the optional ``assignments`` (n, integers in 0..k-1)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cpath = path / CENTROIDS_FILE
+    if not cpath.is_file():
+        raise LibraryFormatError(f"{path} has no {CENTROIDS_FILE}; the library is incomplete.")
+    try:
+        tensors = load_file(str(cpath))
+    except (SafetensorError, OSError) as e:
+        raise LibraryFormatError(f"{cpath} is not a readable safetensors file ({e}); the library is corrupt.") from e
+    c, a = tensors.get("centroids"), tensors.get("assignments")
+    if c is None or c.ndim != 2 or not c.is_floating_point() or c.shape[0] != k or not torch.isfinite(c).all():
+        shape = None if c is None else f"{tuple(c.shape)} {c.dtype}"
+        raise LibraryFormatError(f"{cpath} must hold `centroids`, finite floats of shape ({k}, dim) for the {k} "
+                                 f"clusters of library.json; found {shape}. The library is corrupt.")
+    if a is not None and (a.ndim != 1 or a.is_floating_point() or a.is_complex()
+                          or (a.numel() and not 0 <= int(a.min()) <= int(a.max()) < k)):
+        raise LibraryFormatError(f"{cpath}: `assignments` must be cluster ids in 0..{k - 1}, one per example. The "
+                                 "library is corrupt.")
+    return c.float(), None if a is None else a.long()

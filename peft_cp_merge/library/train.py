@@ -34,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -43,11 +42,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text, default_mode, now, package_versions
+from .._io import atomic_folder, atomic_save_tensors, atomic_write_json, atomic_write_text, now, package_versions
 from .cluster import Clustering, cluster_embeddings, plot_clusters
 from .config import NOT_FINGERPRINTED, LibraryTrainConfig
 from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
-from .errors import LibraryDataError, LibraryExistsError, RankFailedError
+from .errors import LibraryDataError, LibraryExistsError, LibraryFormatError, RankFailedError
 from .library import (
     CARD_FILE,
     CENTROIDS_FILE,
@@ -57,6 +56,7 @@ from .library import (
     PLOT_FILE,
     STATE_FILE,
     AdapterLibrary,
+    _read_meta,
     adapter_checksum,
     cluster_dirname,
     render_card,
@@ -98,6 +98,8 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | None:
     """The existing library.json to resume from, ``None`` for a fresh run; raise when the folder holds anything
     else (never mix two runs in one library)."""
+    if out.exists() and not out.is_dir():
+        raise LibraryExistsError(f"output_dir {str(out)!r} is a file, not a folder. Choose a folder.")
     if not out.exists() or not any(p for p in out.iterdir() if p.name != _RUN_DIR):
         return None
     meta_file = out / LIBRARY_FILE
@@ -106,8 +108,12 @@ def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | Non
             f"{out} exists and is not an adapter library (no {LIBRARY_FILE}). Choose an empty or new output_dir, "
             "or set overwrite: true to delete it."
         )
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("config_fingerprint") != config.fingerprint():
+    try:
+        meta = _read_meta(out)
+    except LibraryFormatError as e:
+        raise LibraryExistsError(f"{e} Set overwrite: true to delete it and start over, or choose another "
+                                 "output_dir.") from None
+    if meta.get("config_fingerprint") != config.fingerprint():
         diff = _config_diff(meta.get("training", {}), config.to_dict())
         raise LibraryExistsError(
             f"{out} holds a library trained with a different config (fields that differ: {diff or 'format'}). "
@@ -197,20 +203,14 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
             f"batch_size={config.batch_size} is the global batch in data mode and must be divisible by the "
             f"{world} processes. Use a multiple of {world}."
         )
-    # 1. output folder: fresh, resume, or refuse (every rank checks; nothing is written before the barrier)
-    if config.overwrite and out.exists():
-        accelerator.wait_for_everyone()
-        if main:
-            shutil.rmtree(out)
-        accelerator.wait_for_everyone()
-    meta = _check_output(out, config)
-    accelerator.wait_for_everyone()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-    # 2. data
+    # 1. check everything that can be wrong before writing anything: the output folder (fresh, resume or refuse),
+    #    the data, the base model
+    if out.exists() and not out.is_dir():
+        raise LibraryExistsError(f"output_dir {str(out)!r} is a file, not a folder. Choose a folder.")
+    if config.overwrite and out.is_dir() and any(out.iterdir()) and not (out / LIBRARY_FILE).is_file():
+        raise LibraryExistsError(f"output_dir {str(out)!r} holds files but no adapter library; overwrite only ever "
+                                 "deletes a library. Choose an empty or new output_dir.")
+    meta = None if config.overwrite else _check_output(out, config)
     with accelerator.main_process_first():
         rows = read_rows(dataset if dataset is not None else config.dataset, split=config.dataset_split,
                          config_name=config.dataset_config)
@@ -231,6 +231,13 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
             f"{meta.get('data_fingerprint')}; now {len(records)}, {data_fp}). Refusing to mix: use the same data to "
             "resume, another output_dir, or overwrite: true."
         )
+    accelerator.wait_for_everyone()
+    if main:
+        if config.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
     logger.info("%s: %d examples", _dist_note(accelerator), len(records))
 
     # 3. embed + cluster (or reuse the saved clustering when resuming)
@@ -491,21 +498,23 @@ def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainC
 
 
 def _save_cluster(peft_model, name: str, out: Path, stats: dict[str, Any], base_id: str) -> str:
-    """Write ``cluster_<i>/`` atomically (temporary folder, then rename); returns its sha256."""
+    """Write ``cluster_<i>/`` with :func:`peft_cp_merge._io.atomic_folder` (replacing a stale one); returns its
+    sha256."""
     peft_model.peft_config[name].base_model_name_or_path = base_id
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".tmp-{name}-"))
-    try:
+    sha = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal sha
         peft_model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
-        folder = tmp / name if (tmp / name).is_dir() else tmp
-        sha = adapter_checksum(folder)
+        sub = tmp / name  # PEFT saves a non-default adapter in a subfolder of that name
+        if sub.is_dir():
+            for f in sub.iterdir():
+                os.replace(f, tmp / f.name)
+            sub.rmdir()
+        sha = adapter_checksum(tmp)
         state = {"sha256": sha, **{k: v for k, v in stats.items() if k != "losses"}, "losses": stats["losses"],
                  "finished": now()}
-        atomic_write_json(folder / STATE_FILE, state)
-        default_mode(folder, folder=True)
-        dest = out / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(folder, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(tmp / STATE_FILE, state)
+
+    atomic_folder(out / name, write, overwrite=True)
     return sha
