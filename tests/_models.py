@@ -91,7 +91,7 @@ def assert_loads_with_plain_peft(adapter_dir, x, expected, rank, tmp_path, rtol=
         print("OK", model.peft_config["default"].r)
         """
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"OK {rank}" in res.stdout
 

@@ -223,7 +223,7 @@ def test_hub_ids_from_a_prepopulated_cache_offline(saved, tmp_path):
     commit = "c" * 40
     _hub_cache(tmp_path / "hub", "someone/adapters", commit, {"x": paths[0], "y": paths[1]})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    r = subprocess.run([sys.executable, "-c", _OFFLINE], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run([sys.executable, "-c", _OFFLINE], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["sources"] == [{"source": "someone/adapters/x", "revision": commit},

@@ -431,7 +431,7 @@ def test_killed_write_is_cleaned_by_the_next_run(tmp_path):
         "    os._exit(9)\n"
         f"io.atomic_folder(io.Path({str(tmp_path / 'out')!r}), write)\n"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert r.returncode == 9, r.stderr[-2000:]
     assert len(_leftovers(tmp_path)) == 1 and not (tmp_path / "out").exists()
     _io.atomic_folder(tmp_path / "out", lambda f: (f / "f").write_text("ok"))

@@ -2,13 +2,12 @@
 parallel modes give the single-process library, both ranks do work, and a failing rank stops the run."""
 
 import json
-import os
 import time
 
 import pytest
 import torch
+from _library import make_rows, make_tiny_model, offline, run_cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
-from test_library_common import make_rows, make_tiny_model, run_cli, tiny_config, write_jsonl
 
 from peft_cp_merge.library import train_library
 
@@ -20,13 +19,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model = make_tiny_model(tmp / "model")
     data = write_jsonl(tmp / "data.jsonl", make_rows())
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the launched ranks run with OMP_NUM_THREADS=1: same float summation order
-    try:
+    with offline(threads=1):  # the launched ranks run with OMP_NUM_THREADS=1: same float summation order
         ref = train_library(tiny_config(tmp, model, data, tmp / "single", gradient_accumulation_steps=2))
-    finally:
-        torch.set_num_threads(threads)
     return tmp, model, data, ref
 
 
@@ -36,8 +30,7 @@ def _launch(setup, name, **kw):
     cfg = tiny_config(tmp, model, data, tmp / name, gradient_accumulation_steps=2, **kw)
     (tmp / f"{name}.yaml").write_text(cfg.to_yaml())
     t0 = time.perf_counter()
-    r = run_cli(["train", "--config", str(tmp / f"{name}.yaml")], ranks=2, timeout=180,
-                **({"PEFT_CP_MERGE_TEST_FAIL": fail} if fail else {}))
+    r = run_cli(["train", "--config", str(tmp / f"{name}.yaml")], ranks=2, timeout=600, fail=fail)
     return r, tmp / name, time.perf_counter() - t0
 
 

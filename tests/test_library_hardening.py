@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _library import make_rows, make_tiny_model, tiny_config, write_jsonl
 from safetensors.torch import load_file, save_file
 from test_hardening import _cli as _cli_one_line
-from test_library_common import make_rows, make_tiny_model, tiny_config, write_jsonl
 
 from peft_cp_merge.cli import main as cli_main
 from peft_cp_merge.library import AdapterLibrary, LibraryExistsError, LibraryFormatError, train_library

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_library_common import make_rows, write_jsonl
+from _library import make_rows, offline, write_jsonl
 
 from peft_cp_merge.library import AdapterLibrary, LibraryTrainConfig, train_library
 
@@ -19,17 +19,20 @@ pytestmark = [
 TASKS = ("add", "reverse", "weekday", "record")
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="module")
 def real_lib(tmp_path_factory):
-    import os
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
     tmp = tmp_path_factory.mktemp("real")
     data = write_jsonl(tmp / "train.jsonl", make_rows(TASKS, n=10))
     cfg = LibraryTrainConfig(output_dir=str(tmp / "lib"), dataset=str(data), num_clusters=None, min_clusters=2,
                              max_clusters=6, max_steps=2, batch_size=4, max_length=40, lora_r=2, lora_alpha=4,
                              target_modules=["q_proj", "v_proj"], kmeans_n_init=3, warmup_steps=0)
-    return train_library(cfg)
+    with offline():
+        return train_library(cfg)
 
 
 def test_real_run_clusters_by_task_and_routes_held_out(real_lib):

@@ -3,14 +3,13 @@ mix runs, round trips (local and through a Hub cache offline), push at the HfApi
 
 import hashlib
 import json
-import os
 import shutil
 
 import pytest
 import torch
 from _hub import fake_hf_api
+from _library import make_rows, make_tiny_model, offline, run_cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
-from test_library_common import make_rows, make_tiny_model, run_cli, tiny_config, write_jsonl
 
 from peft_cp_merge.library import (
     AdapterLibrary,
@@ -40,13 +39,8 @@ def tiny(tmp_path_factory):
 def ref(tiny):
     """The reference library: one uninterrupted single-process run."""
     tmp, model, data = tiny
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with offline(threads=1):
         return train_library(tiny_config(tmp, model, data, tmp / "ref"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _weights(path):
@@ -121,7 +115,7 @@ def test_kill_mid_cluster_then_resume(ref, tiny, tmp_path):
     out = tmp_path / "killed"
     cfg = tiny_config(tmp, model, data, out)
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
-    r = run_cli(["train", "--config", str(tmp_path / "c.yaml")], PEFT_CP_MERGE_TEST_FAIL="cluster=1,step=2,mode=exit")
+    r = run_cli(["train", "--config", str(tmp_path / "c.yaml")], fail="cluster=1,step=2,mode=exit")
     assert r.returncode == 17, r.stderr[-3000:]
     meta = json.loads((out / "library.json").read_text())
     assert meta["status"] == "training" and [c["status"] for c in meta["clusters"]] == ["done", "pending", "pending"]
@@ -130,11 +124,8 @@ def test_kill_mid_cluster_then_resume(ref, tiny, tmp_path):
     saved = (f0.stat().st_mtime_ns, _sha(f0))
     assert meta["clusters"][0]["sha256"] == adapter_checksum(out / "cluster_0")
 
-    torch.set_num_threads(1)
-    try:
+    with offline(threads=1):
         lib = train_library(cfg)
-    finally:
-        torch.set_num_threads(2)
     assert (f0.stat().st_mtime_ns, _sha(f0)) == saved  # the finished cluster was not retrained
     assert lib.meta["status"] == "complete"
     _assert_same_weights(out, ref.path)  # resumed == uninterrupted
@@ -230,11 +221,11 @@ def test_from_hub_cache_offline_one_cluster(ref, tiny, tmp_path):
     import subprocess
     import sys
 
-    from test_library_common import REPO, env
+    from _library import REPO, env
 
     repo = _hub_cache(ref.path, tmp_path / "hub")
     r = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, repo, str(tiny[1])], cwd=REPO, capture_output=True,
-                       text=True, timeout=120, env=env(HF_HUB_CACHE=str(tmp_path / "hub")))
+                       text=True, timeout=900, env=env(HF_HUB_CACHE=str(tmp_path / "hub")))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     snap = str(tmp_path / "hub" / "models--someone--tc-lora-lib" / "snapshots" / ("a" * 40))

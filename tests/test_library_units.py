@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_library_common import make_rows, write_jsonl
+from _library import make_rows, write_jsonl
 
 from peft_cp_merge.library import (
     ClusteringError,

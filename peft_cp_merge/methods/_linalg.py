@@ -7,27 +7,11 @@ import torch
 from .registry import LoraFactors
 
 
-def orth(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
-    """Orthonormal basis of the column space of ``M`` (n x k), dropping numerically dependent columns.
-
-    Reduced QR, then an SVD of the small k x k ``R`` keeps the directions whose singular value exceeds
-    ``rtol * max``; the basis is ``Q @ U_kept``. Cost O(n k^2), never n x n.
-    """
-    if M.shape[1] == 0:
-        return M
-    Q, R = torch.linalg.qr(M)
-    U, S, _ = torch.linalg.svd(R)
-    if rtol is None:
-        rtol = max(M.shape) * torch.finfo(M.dtype).eps
-    keep = S > rtol * S[0] if S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    keep_n = max(int(keep.sum()), 1)
-    return Q @ U[:, :keep_n]
-
-
 def stacked(factors: list[LoraFactors], weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B_1 ... B_T]`` (out x sum r) and ``[c_1 A_1; ...; c_T A_T]`` (sum r x in), ``c_t = s_t (* w_t)``.
+    """``(As, Bs)``: ``[c_1 A_1; ...; c_T A_T]`` (sum r x in) and ``[B_1 ... B_T]`` (out x sum r),
+    ``c_t = s_t (* w_t)``.
 
-    Their product is ``sum_t c_t B_t A_t``: PEFT's ``cat`` update.
+    ``Bs @ As`` is ``sum_t c_t B_t A_t``: PEFT's ``cat`` update.
     """
     Bs = torch.cat([f.B for f in factors], dim=1)
     coef = [f.scaling * (1.0 if weights is None else weights[t]) for t, f in enumerate(factors)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -11,6 +12,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS3 = ("add", "reverse", "weekday")
+
+
+@contextlib.contextmanager
+def offline(threads: int | None = None):
+    """``HF_HUB_OFFLINE=1`` (and ``threads`` torch threads, if given) for the duration; both restored after."""
+    import pytest
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def make_tiny_model(path: Path) -> Path:
@@ -72,15 +90,24 @@ def env(**extra) -> dict[str, str]:
     return e
 
 
-def run_cli(args, *, ranks: int = 1, timeout: float = 240, **extra_env) -> subprocess.CompletedProcess:
+def run_cli(args, *, ranks: int = 1, timeout: float = 240, fail: str | None = None,
+            **extra_env) -> subprocess.CompletedProcess:
     """``python -m peft_cp_merge.library.cli ARGS`` on one process, or under
-    ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`` (real gloo ranks)."""
+    ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`` (real gloo ranks). ``fail``
+    (``cluster=C,step=S[,rank=R][,mode=exit|raise]``) runs it through ``tests/_fault_cli.py`` instead, which injects
+    that fault by monkeypatching."""
+    module = "peft_cp_merge.library.cli"
+    if fail:
+        module = "_fault_cli"
+        extra_env = {"PEFT_CP_MERGE_TEST_FAIL": fail,
+                     "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+                     **extra_env}
     if ranks == 1:
-        cmd = [sys.executable, "-m", "peft_cp_merge.library.cli", *args]
+        cmd = [sys.executable, "-m", module, *args]
         e = env(**extra_env)
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "peft_cp_merge.library.cli", *args]
+               "--main_process_port", str(free_port()), "-m", module, *args]
         e = env(ACCELERATE_USE_CPU="true", **extra_env)
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
