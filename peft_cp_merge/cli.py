@@ -1,12 +1,7 @@
-"""``peft-cp-merge``: merge LoRA adapters from folders or Hub repos, and train/merge TC-LoRA adapter libraries.
+"""The ``peft-cp-merge`` command line (``merge``, ``methods``, ``library``).
 
-Examples:
-
-    peft-cp-merge merge user/math-lora user/code-lora ./qa-lora --method cp --rank 16 --out merged
-    peft-cp-merge merge --recipe recipe.yaml --out merged   # or the README.md of a merged adapter
-    peft-cp-merge merge a b --method tsv --weights 0.7 0.3 --out merged --push-to-hub me/merged
-    peft-cp-merge methods                                   # the merge methods and their options
-    peft-cp-merge library train --config library.yaml       # see `peft-cp-merge library --help`
+``--help`` must start at once: this module and the parsers import nothing heavy (no torch, PEFT, tensorly); each
+command imports what it needs when it runs. :data:`DESCRIPTION` is the text users see.
 """
 
 from __future__ import annotations
@@ -18,10 +13,24 @@ from typing import Any
 
 import yaml
 
-from .card import RECIPE_FIELDS, check_recipe, load_recipe
+from .card import DTYPE_NAMES, RECIPE_FIELDS, check_recipe, load_recipe
 from .errors import PeftCpMergeError
 
 logger = logging.getLogger("peft_cp_merge")
+
+DESCRIPTION = """\
+Merge LoRA adapters from local folders or Hub repos into one LoRA adapter, and train, inspect and merge TC-LoRA
+adapter libraries.
+
+examples:
+  peft-cp-merge merge user/math-lora user/code-lora ./qa-lora --method cp --rank 16 --out merged
+  peft-cp-merge merge --recipe recipe.yaml --out merged    # or the README.md of a merged adapter
+  peft-cp-merge merge a b --method tsv --weights 0.7 0.3 --out merged --push-to-hub me/merged
+  peft-cp-merge methods                                    # the merge methods, their options and values
+  peft-cp-merge library train --config library.yaml        # more: peft-cp-merge library --help
+
+Each command has its own --help.
+"""
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -41,32 +50,41 @@ def key_value(text: str) -> tuple[str, Any]:
 def _add_merge(sub) -> None:
     p = sub.add_parser(
         "merge", help="merge LoRA adapters (folders or Hub ids) into one LoRA adapter, without the base model",
-        description="Merge LoRA adapters from local folders or Hub repos into one PEFT LoRA adapter. Every flag "
-        "overrides the same field of --recipe. Fields of a recipe: "
-        + "; ".join(f"{k}: {v}" for k, v in RECIPE_FIELDS.items()) + ". --out, --overwrite and --push-to-hub "
-        "are only taken from the command line: a recipe or model card that names them is refused.",
+        description="Merge LoRA adapters from local folders or Hub repos into one PEFT LoRA adapter.\n\n"
+        "A recipe (--recipe) is a YAML mapping of these fields; every flag overrides the same field:\n"
+        + "".join(f"  {k}: {v}\n" for k, v in RECIPE_FIELDS.items())
+        + "--out, --overwrite and --push-to-hub are only taken from the command line: a recipe or model card that\n"
+        "names them is refused.\n\n"
+        "examples:\n"
+        "  peft-cp-merge merge user/math-lora user/code-lora --rank 16 --out merged\n"
+        "  peft-cp-merge merge a b --method cp --option cp_variant=sign_elect --weights 0.6 0.4 --out merged\n"
+        "  peft-cp-merge merge --recipe merged/README.md --out merged-again",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("sources", nargs="*", metavar="SRC",
                    help="adapter folder, or Hub id user/repo[/subfolder][@revision]")
-    p.add_argument("--recipe", help="YAML recipe, or the README.md model card of an adapter merged by this tool")
-    p.add_argument("--method", help="merge method: cp (default), tsv, knots, svd; see `peft-cp-merge methods`")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per source (default 1/T each)")
-    p.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest source rank; at most "
-                   "the sum of the source ranks and the layers' min(out, in))")
+    p.add_argument("--recipe", metavar="PATH",
+                   help="YAML recipe, or the README.md model card of an adapter merged by this tool")
+    p.add_argument("--method", metavar="NAME",
+                   help="merge method (default: cp); `peft-cp-merge methods` lists them with their options")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per source (default: 1/T each)")
+    p.add_argument("--rank", type=int, metavar="N", help="rank of the merged adapter (default: the largest source "
+                   "rank; at most the sum of the source ranks and the layers' min(out, in))")
     p.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option cp_variant=sign_elect --option cp_n_iter_max=200 "
-                   "(repeatable; values parsed as YAML)")
-    p.add_argument("--out", help="output folder (refused if it exists, unless --overwrite)")
+                   "(repeatable; values parsed as YAML; `peft-cp-merge methods` lists each method's options)")
+    p.add_argument("--out", metavar="DIR", help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the merged adapter to this Hub repo")
     p.add_argument("--private", action="store_true", default=None, help="create the --push-to-hub repo private")
-    p.add_argument("--revision", help="branch to push to (created if missing)")
-    p.add_argument("--commit-message", help="commit message of the push")
-    p.add_argument("--base-model", help="base model to record, skipping the check that all sources agree")
-    p.add_argument("--device", help="where to compute: cpu (default) or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"],
-                   help="dtype of the merged factors (default: the sources' dtype)")
-    p.add_argument("--batch-size", type=int, help="at most this many equal-shape modules merged together (32)")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", metavar="TEXT", help="commit message of the push")
+    p.add_argument("--base-model", metavar="MODEL",
+                   help="base model to record, skipping the check that all sources agree")
+    p.add_argument("--device", metavar="DEVICE", help="where to compute: cpu (default) or cuda")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="dtype of the merged factors (default: the sources' dtype)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="at most this many equal-shape modules merged together (default: 32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_merge)
 
@@ -132,13 +150,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import get_merge_method, list_merge_methods
 
-    for name in list_merge_methods():
+    names = list_merge_methods()
+    width = max(map(len, names))
+    print("Merge methods and their options as NAME = DEFAULT, with the allowed values where they are a fixed set.\n"
+          "Pass options as --option NAME=VALUE (merge, library merge) or as keywords of add_weighted_adapter.\n")
+    for name in names:
         m = get_merge_method(name)
         where = "add_weighted_adapter + files" if m.peft_combination_type else "files (PEFT has its own)"
-        print(f"{name:8s} {m.pretty_name} [{where}; rank: {m.rank_option}]")
-        print(f"{'':8s} {m.reference}")
+        print(f"{name:{width}s}  {m.pretty_name} [{where}; rank: {m.rank_option}]")
+        print(f"{'':{width}s}  {m.reference}")
         for k, v in m.options.items():
-            print(f"{'':8s}   {k} = {v!r}")
+            allowed = m.choices.get(k)
+            print(f"{'':{width}s}    {k} = {v!r}" + (f"  (one of: {', '.join(map(str, allowed))})" if allowed else ""))
     return 0
 
 
@@ -152,11 +175,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .library.cli import add_subcommands
 
-    parser = _Parser(prog="peft-cp-merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="peft-cp-merge", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="{merge,methods,library}", required=True)
     _add_merge(sub)
-    sub.add_parser("methods", help="list the merge methods and their options").set_defaults(func=cmd_methods)
+    sub.add_parser("methods", help="list the merge methods, their options, defaults and allowed values",
+                   description="List the merge methods, their options, defaults and allowed values."
+                   ).set_defaults(func=cmd_methods)
     add_subcommands(sub)
     return parser
 

@@ -1,14 +1,14 @@
-"""PEFT front end: route ``LoraModel.add_weighted_adapter(combination_type=<ours>)`` to the method registry.
+"""PEFT front end: ``LoraModel.add_weighted_adapter(combination_type=<ours>)`` through the method registry.
 
-PEFT has no registry of combination types, so :func:`register` wraps ``LoraModel.add_weighted_adapter`` once
-(idempotently). PEFT's own types go to the original method untouched; ours are validated here, merged layer by
+PEFT has no registry of combination types, so :func:`peft_cp_merge.register` (defined in the package's light
+``__init__``, re-exported here) wraps ``LoraModel.add_weighted_adapter`` once (idempotently). PEFT's own types go to
+the original method untouched; ours come to :func:`add_weighted_adapter_registry`: validated here, merged layer by
 layer through the registry, and only then injected, so a failure leaves the model exactly as it was.
 ``PeftModel.add_weighted_adapter`` forwards to ``LoraModel`` and so works too.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import _freeze_adapter
 
+from . import is_registered, register, unregister  # noqa: F401  (their former home; defined in __init__)
 from .config import (
     check_lora_config,
     check_merge_rank,
@@ -28,49 +29,10 @@ from .config import (
     rank_limit,
 )
 from .errors import MergeInputError, UnknownMergeOptionError
-from .methods import LoraFactors, check_weights, get_merge_method, list_merge_methods
+from .methods import LoraFactors, check_weights, get_merge_method
 from .methods._linalg import pad_rank
 
 logger = logging.getLogger(__name__)
-
-_ORIGINAL = "_peft_cp_merge_original"
-
-
-def register() -> None:
-    """Make this package's combination types available in ``add_weighted_adapter``. Idempotent."""
-    if hasattr(LoraModel.add_weighted_adapter, _ORIGINAL):
-        return
-    original = LoraModel.add_weighted_adapter
-
-    @functools.wraps(original)
-    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", *args, **kwargs):
-        if combination_type not in list_merge_methods(peft_only=True):
-            return original(self, adapters, weights, adapter_name, combination_type, *args, **kwargs)
-        if args:
-            raise TypeError(
-                f"combination_type={combination_type!r} takes its options as keyword arguments only "
-                f"(e.g. svd_rank=8 / cp_rank=8); got {len(args)} extra positional argument(s)."
-            )
-        return add_weighted_adapter_registry(self, adapters, weights, adapter_name, combination_type, **kwargs)
-
-    setattr(add_weighted_adapter, _ORIGINAL, original)
-    add_weighted_adapter.__doc__ = (original.__doc__ or "") + (
-        "\n        With peft-cp-merge imported, `combination_type` also accepts: "
-        + ", ".join(list_merge_methods(peft_only=True))
-        + " (see `peft_cp_merge.add_weighted_adapter_registry`).\n"
-    )
-    LoraModel.add_weighted_adapter = add_weighted_adapter
-
-
-def unregister() -> None:
-    """Restore PEFT's original ``add_weighted_adapter``. Idempotent."""
-    original = getattr(LoraModel.add_weighted_adapter, _ORIGINAL, None)
-    if original is not None:
-        LoraModel.add_weighted_adapter = original
-
-
-def is_registered() -> bool:
-    return hasattr(LoraModel.add_weighted_adapter, _ORIGINAL)
 
 
 def get_lora_factors(layer: LoraLayer, adapter: str) -> LoraFactors | None:

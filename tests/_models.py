@@ -49,8 +49,9 @@ def randomize_lora(model, adapter, seed):
 
 
 def delta_matrix(layer, adapter):
-    """PEFT's own ``get_delta_weight`` put in LoRA-factor orientation (out x in): an independent reference."""
-    d = layer.get_delta_weight(adapter)
+    """PEFT's own ``get_delta_weight`` put in LoRA-factor orientation (out x in): an independent reference.
+    Detached: the adapters are trainable, and a reference is a value, not a node of an autograd graph."""
+    d = layer.get_delta_weight(adapter).detach()
     if adapter in getattr(layer, "lora_embedding_A", {}) or getattr(layer, "fan_in_fan_out", False):
         return d.T
     return d.flatten(1)

@@ -8,10 +8,12 @@ as a library (folder or Hub repo), route new inputs to clusters, and CP-merge th
     merged.save_pretrained("merged-adapter")
 """
 
-from .cluster import Clustering, Routing, cluster_embeddings, plot_clusters, route_embeddings
-from .config import DEFAULT_EMBEDDING_MODEL, LibraryTrainConfig
-from .data import Record, normalize, read_rows
-from .embed import embed_texts, load_embedder, resolve_embedding_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import DEFAULT_EMBEDDING_MODEL, LibraryTrainConfig  # light (yaml; pydantic on validation)
 from .errors import (
     ClusteringError,
     EmbeddingModelError,
@@ -22,8 +24,43 @@ from .errors import (
     LibraryFormatError,
     RankFailedError,
 )
-from .library import AdapterLibrary
-from .train import train_library
+
+# public name -> the submodule that defines it, imported on first access (they import torch, sklearn, ...), so that
+# `peft-cp-merge library --help` and the config stay light
+_LAZY = {
+    "Clustering": "cluster",
+    "Routing": "cluster",
+    "cluster_embeddings": "cluster",
+    "plot_clusters": "cluster",
+    "route_embeddings": "cluster",
+    "Record": "data",
+    "normalize": "data",
+    "read_rows": "data",
+    "embed_texts": "embed",
+    "load_embedder": "embed",
+    "resolve_embedding_model": "embed",
+    "AdapterLibrary": "library",
+    "train_library": "train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):  # submodules as attributes (peft_cp_merge.library.train), as when all were imported
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AdapterLibrary",

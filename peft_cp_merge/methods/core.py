@@ -61,8 +61,8 @@ from __future__ import annotations
 import torch
 
 from ._linalg import balanced, stacked, zero_update
+from .knots import SIGN_METHODS, ties_merge
 from .knots import _validate as _validate_ties
-from .knots import ties_merge
 from .registry import LoraFactors, merge_method
 
 
@@ -101,6 +101,7 @@ def core_space(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, 
     ),
     rank_option="svd_rank",
     options={"density": 1.0, "majority_sign_method": "total"},
+    choices={"majority_sign_method": SIGN_METHODS},
     validate=_validate_ties,
 )
 def core_ties_merge(

@@ -79,11 +79,7 @@ CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balan
                "orth")
 
 
-def _validate(opts: Mapping[str, Any]) -> None:
-    if opts["cp_init"] not in CP_INITS:
-        raise MergeInputError(f"cp_init={opts['cp_init']!r} is not supported; use one of {list(CP_INITS)}.")
-    if opts["cp_variant"] not in CP_VARIANTS:
-        raise MergeInputError(f"cp_variant={opts['cp_variant']!r} is not supported; use one of {list(CP_VARIANTS)}.")
+def _validate(opts: Mapping[str, Any]) -> None:  # cp_init and cp_variant: checked by the registry (choices)
     n = opts["cp_n_iter_max"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise MergeInputError(f"cp_n_iter_max must be a positive integer, got {n!r}.")
@@ -340,6 +336,7 @@ def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
         "cp_density": 1.0,
         "cp_split_threshold": 0.5,
     },
+    choices={"cp_init": CP_INITS, "cp_variant": CP_VARIANTS},
     validate=_validate,
     batched=True,
 )

@@ -61,15 +61,11 @@ SIGN_METHODS = ("total", "frequency")
 SV_THRESHOLD = 1e-5  # official KnOTS: keep singular values s > 1e-5 of the concatenated updates
 
 
-def _validate(opts: Mapping[str, Any]) -> None:
+def _validate(opts: Mapping[str, Any]) -> None:  # majority_sign_method: checked by the registry (choices)
     d = opts["density"]
     if isinstance(d, bool) or not isinstance(d, Real) or not 0.0 < float(d) <= 1.0:
         raise MergeInputError(
             f"density must be a number in (0, 1] (the fraction of each task's entries TIES keeps), got {d!r}."
-        )
-    if opts["majority_sign_method"] not in SIGN_METHODS:
-        raise MergeInputError(
-            f"majority_sign_method={opts['majority_sign_method']!r} is not supported; use one of {list(SIGN_METHODS)}."
         )
 
 
@@ -120,6 +116,7 @@ def ties_merge(tasks: list[torch.Tensor], weights: torch.Tensor, density: float,
     ),
     rank_option="svd_rank",
     options={"density": 1.0, "majority_sign_method": "total"},
+    choices={"majority_sign_method": SIGN_METHODS},
     validate=_validate,
 )
 def knots_merge(

@@ -60,6 +60,8 @@ class MergeMethod:
         reference: the paper(s) or code the method follows.
         rank_option: the ``add_weighted_adapter`` keyword that sets the output rank (``cp_rank`` or ``svd_rank``).
         options: option name -> default, exactly as users pass them (``cp_init``, ``density``, ...).
+        choices: option name -> its allowed values, for the options that take one of a fixed set (``cp_variant``);
+            :meth:`resolve_options` refuses other values, and ``peft-cp-merge methods`` lists them.
         peft_combination_type: whether ``add_weighted_adapter(combination_type=name)`` is routed here. ``svd`` is
             not: PEFT already has it, and the registry's ``svd`` only serves the adapter-file engine.
         validate: optional ``validate(options) -> None`` that raises a clear ``ValueError`` for bad option values.
@@ -73,6 +75,7 @@ class MergeMethod:
     reference: str
     rank_option: str = "svd_rank"
     options: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     peft_combination_type: bool = True
     validate: Callable[[Mapping[str, Any]], None] | None = None
     batched: bool = False
@@ -86,6 +89,9 @@ class MergeMethod:
                 f"Unknown option(s) {unknown} for merge method {self.name!r}. Valid options: {valid}."
             )
         resolved = {**self.options, **options}
+        for key, allowed in self.choices.items():
+            if resolved[key] not in allowed:
+                raise MergeInputError(f"{key}={resolved[key]!r} is not supported; use one of {list(allowed)}.")
         if self.validate is not None:
             self.validate(resolved)
         return resolved
@@ -170,11 +176,18 @@ def merge_method(
     reference: str,
     rank_option: str = "svd_rank",
     options: Mapping[str, Any] | None = None,
+    choices: Mapping[str, Sequence[Any]] | None = None,
     peft_combination_type: bool = True,
     validate: Callable[[Mapping[str, Any]], None] | None = None,
     batched: bool = False,
 ) -> Callable[[Callable[..., LoraFactors]], Callable[..., LoraFactors]]:
     """Decorator registering ``fn`` as merge method ``name`` (see :class:`MergeMethod` for the fields)."""
+    options = dict(options or {})
+    choices = {k: tuple(v) for k, v in (choices or {}).items()}
+    for key, allowed in choices.items():
+        if key not in options or options[key] not in allowed:
+            raise ValueError(f"Merge method {name!r}: choices for {key!r} need an option {key!r} whose default is "
+                             f"one of {list(allowed)}.")
 
     def decorator(fn: Callable[..., LoraFactors]) -> Callable[..., LoraFactors]:
         if name in _REGISTRY:
@@ -185,7 +198,8 @@ def merge_method(
             pretty_name=pretty_name,
             reference=reference,
             rank_option=rank_option,
-            options=dict(options or {}),
+            options=options,
+            choices=choices,
             peft_combination_type=peft_combination_type,
             validate=validate,
             batched=batched,
