@@ -172,8 +172,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
+def _library_missing(error: ImportError):
+    """``library`` when the trainer's extra is not installed: the command says how to install it."""
+    def add_subcommands(sub):
+        p = sub.add_parser("library", help="TC-LoRA adapter libraries (needs: pip install 'peft-cp-merge[library]')",
+                           add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def fail(args):
+            raise PeftCpMergeError(str(error))
+
+        p.set_defaults(func=fail)
+    return add_subcommands
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .library.cli import add_subcommands
+    try:
+        from .library.cli import add_subcommands
+    except ImportError as e:  # merge-only install: everything but `library` works
+        add_subcommands = _library_missing(e)
 
     parser = _Parser(prog="peft-cp-merge", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)

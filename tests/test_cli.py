@@ -134,3 +134,28 @@ def test_choices_are_enforced_and_checked_at_registration():
         get_merge_method("cp").resolve_options({"cp_variant": "nope"})
     with pytest.raises(ValueError, match="choices for 'mode'"):
         merge_method("bad_choices", pretty_name="x", reference="x", options={"mode": "c"}, choices={"mode": ("a",)})
+
+
+def test_merge_only_install_says_which_extra_to_install():
+    """Without the trainer's dependencies (here: find_spec reports sklearn missing), `import peft_cp_merge.library`
+    names the extra, `peft-cp-merge library ...` is a one-line error naming it, and merging still works."""
+    r = _run("""
+        import importlib.util, sys
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "sklearn" else real(name, *a)
+        try:
+            import peft_cp_merge.library
+            print("imported")
+        except ImportError as e:
+            print("ImportError:", e)
+        from peft_cp_merge.cli import main
+        print("library rc", main(["library", "info", "somewhere"]))
+        try:
+            main(["merge", "--help"])
+        except SystemExit as e:
+            print("merge help rc", e.code)
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ImportError: peft_cp_merge.library needs sklearn" in r.stdout
+    assert "library rc 2" in r.stdout and "merge help rc 0" in r.stdout
+    assert "pip install 'peft-cp-merge[library]'" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -11,6 +11,7 @@ as a library (folder or Hub repo), route new inputs to clusters, and CP-merge th
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 from .config import DEFAULT_EMBEDDING_MODEL, LibraryTrainConfig  # light (yaml; pydantic on validation)
@@ -24,6 +25,14 @@ from .errors import (
     LibraryFormatError,
     RankFailedError,
 )
+
+LIBRARY_EXTRA = ("sentence_transformers", "sklearn", "datasets", "matplotlib", "accelerate")
+"""The trainer's dependencies, installed with ``pip install 'peft-cp-merge[library]'`` (merging needs none)."""
+
+_missing = [m for m in LIBRARY_EXTRA if importlib.util.find_spec(m) is None]
+if _missing:
+    raise ImportError(f"peft_cp_merge.library needs {', '.join(_missing)}, which are not installed. Install the "
+                      "library extra: pip install 'peft-cp-merge[library]' (merging adapters does not need it).")
 
 # public name -> the submodule that defines it, imported on first access (they import torch, sklearn, ...), so that
 # `peft-cp-merge library --help` and the config stay light
