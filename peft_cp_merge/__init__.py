@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import sys
 import warnings
-from typing import Any
 
+from ._lazy import lazy_attributes
 from .errors import (
     MergeInputError,
     PeftCpMergeError,
@@ -61,22 +60,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("__"):  # submodules as attributes (peft_cp_merge.engine), as when all were imported
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)
 
 
 # --- registration with PEFT's LoraModel.add_weighted_adapter

@@ -18,3 +18,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """``HF_HUB_OFFLINE=1`` for one test (restored after it)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

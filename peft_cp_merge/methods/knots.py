@@ -107,6 +107,15 @@ def ties_merge(tasks: list[torch.Tensor], weights: torch.Tensor, density: float,
     return disjoint_merge(stack * weights.reshape(-1, 1, 1), mask)
 
 
+TIES_OPTIONS: dict = {
+    "rank_option": "svd_rank",
+    "options": {"density": 1.0, "majority_sign_method": "total"},
+    "choices": {"majority_sign_method": SIGN_METHODS},
+    "validate": _validate,
+}
+"""The registration options shared by the TIES-style merges (``knots``, ``core_ties``)."""
+
+
 @merge_method(
     "knots",
     pretty_name="KnOTS (TIES in the joint SVD basis)",
@@ -114,10 +123,7 @@ def ties_merge(tasks: list[torch.Tensor], weights: torch.Tensor, density: float,
         "Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025; "
         "code github.com/gstoica27/KnOTS (task_merger.py SVDMerger, masking_ops.py)"
     ),
-    rank_option="svd_rank",
-    options={"density": 1.0, "majority_sign_method": "total"},
-    choices={"majority_sign_method": SIGN_METHODS},
-    validate=_validate,
+    **TIES_OPTIONS,
 )
 def knots_merge(
     factors: list[LoraFactors],
