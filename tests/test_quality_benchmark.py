@@ -92,7 +92,8 @@ def test_quick_benchmark_run(tmp_path):
     for key in ("versions", "adapter_config", "protocol", "methods", "wall_seconds", "linearity", "tc_lora"):
         assert key in data, key
     labels = {m["label"] for m in data["methods"]}
-    assert labels == {"linear R=8", "tsv R=8", "iso_c R=8", "cp/weighted R=8", "cp/authors R=4", "cp/split R=8"}
+    assert labels == {"linear R=8", "tsv R=8", "iso_c R=8", "iso_c R=24", "cp/weighted R=8", "cp/authors R=4",
+                      "cp/split R=8"}
     heldout = list(data["heldout_tasks"])
     assert heldout == ["record_swap"]
     for label, per_seed in data["results"].items():
