@@ -120,3 +120,13 @@ def lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
     return {k: m for k, m in model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def capped_svd(matrix, n_eigenvecs=None, **kw):
+    """tensorly's truncated SVD, asked for at most min(matrix.shape) vectors (``parafac(..., svd=capped_svd)``).
+    ``parafac(init="svd")`` asks for ``rank`` vectors of every unfolding; at rank > T (the usual merge) the task mode
+    has fewer, and tensorly would cap the number with a UserWarning and pad the factor with random columns. Capping
+    here gives the same start, without the warning."""
+    from tensorly.tenalg.svd import truncated_svd
+
+    return truncated_svd(matrix, n_eigenvecs=min(n_eigenvecs or min(matrix.shape), *matrix.shape), **kw)

@@ -3,8 +3,8 @@
 import pytest
 import tensorly as tl
 import torch
+from _models import capped_svd
 from tensorly.decomposition import parafac
-from tensorly.tenalg.svd import truncated_svd
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
 from peft_cp_merge.methods.cp import compressed_core
@@ -21,17 +21,10 @@ def _factors(ranks, out=30, inn=22, dtype=torch.float64, seed=0):
     ]
 
 
-def _svd(matrix, n_eigenvecs=None, **kw):
-    """tensorly's truncated SVD, asked for at most min(matrix.shape) vectors. parafac(init="svd") asks for ``rank``
-    of every unfolding; at rank > T (the usual merge) the task mode has fewer, and tensorly would cap the number with
-    a UserWarning and pad the factor with random columns. Capping here gives the same start, without the warning."""
-    return truncated_svd(matrix, n_eigenvecs=min(n_eigenvecs or min(matrix.shape), *matrix.shape), **kw)
-
-
 def _dense_cp_merge(factors, weights, rank, **kw):
     X = torch.stack([f.delta() for f in factors])
     with tl.backend_context("pytorch"):
-        res = parafac(X, rank, init="svd", svd=_svd, n_iter_max=100, tol=1e-8, **kw)
+        res = parafac(X, rank, init="svd", svd=capped_svd, n_iter_max=100, tol=1e-8, **kw)
     return torch.einsum("r,tr,or,ir,t->oi", res.weights, *res.factors, torch.as_tensor(weights, dtype=X.dtype))
 
 
@@ -104,7 +97,7 @@ def _dense_variant(fs, w, rank, variant, density=1.0, threshold=0.5):
         X = X / norms[:, None, None]
         w = w * norms
     with tl.backend_context("pytorch"):
-        res = parafac(X, rank, init="svd", svd=_svd, n_iter_max=100, tol=1e-8, random_state=0)
+        res = parafac(X, rank, init="svd", svd=capped_svd, n_iter_max=100, tol=1e-8, random_state=0)
     C, U, V = res.factors
     if variant == "authors_v1":  # task factor dropped, unnormalised factors (keeps tensorly's svd_flip signs)
         return U @ torch.diag(res.weights) @ V.T
