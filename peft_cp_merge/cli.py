@@ -33,18 +33,23 @@ Each command has its own --help.
 """
 
 
+def yaml_value(text: str) -> Any:
+    """A command-line value read as YAML (``4`` -> int, ``[a, b]`` -> list, ``null`` or empty -> None); invalid YAML
+    is an argparse error naming the value. An argparse ``type``."""
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({' '.join(str(e).split())})") from None
+
+
 def key_value(text: str) -> tuple[str, Any]:
-    """The one ``KEY=VALUE`` parser of the command line (``--option``, ``--set``): the value is read as YAML
-    (``4`` -> int, ``[a, b]`` -> list, empty -> None); ``-`` in the key reads as ``_``. An argparse ``type``."""
+    """The one ``KEY=VALUE`` parser of the command line (``--option``, ``--set``): the value is read by
+    :func:`yaml_value`; ``-`` in the key reads as ``_``. An argparse ``type``."""
     key, sep, value = text.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cp_init=svd), got {text!r}")
-    try:
-        return key, yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML ({' '.join(str(e).split())})"
-                                         ) from None
+    return key, yaml_value(value)
 
 
 def _add_merge(sub) -> None:

@@ -78,6 +78,16 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()  # an existing file is never a model id
+
+
 def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32, device=None):
     """``(model, tokenizer)`` for a causal LM; ``None`` means the embedded SmolLM2-135M-Instruct.
 
@@ -86,11 +96,10 @@ def load_model_and_tokenizer(name_or_path: str | None = None, *, dtype: torch.dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    local = Path(path)
-    if not local.is_dir() and (local.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise PeftCpMergeError(f"Base model {path!r}: no such model folder, and not a Hub id (org/name). Pass a "
-                               "folder with config.json and safetensors weights, a Hub id, or leave it unset for "
-                               "the embedded SmolLM2-135M-Instruct.")
+    if not Path(path).is_dir() and not _is_hub_id(path):
+        raise PeftCpMergeError(f"Base model {path!r}: no such model folder, and not a Hub id (org/name or name). "
+                               "Pass a folder with config.json and safetensors weights, a Hub id, or leave it unset "
+                               "for the embedded SmolLM2-135M-Instruct.")
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)

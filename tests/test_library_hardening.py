@@ -180,6 +180,7 @@ def test_bad_training_data_writes_nothing(tiny, tmp_path, capsys, monkeypatch, n
     ("target_modules=[]", "at least one module"),
     ("num_clusterz=4", "Unknown config field"),
     ("num_clusters", "expected KEY=VALUE"),
+    ("num_clusters=[1", "not valid YAML"),
 ])
 def test_mistyped_config_values(tiny, tmp_path, capsys, override, message):
     _, model, data = tiny
@@ -195,6 +196,17 @@ def test_missing_base_model_writes_nothing(tiny, tmp_path, capsys, monkeypatch):
         rc, err = _cli(["library", "train", "--base-model", base, "--dataset", str(data),
                         "--output-dir", str(tmp_path / "out")], capsys)
         assert rc == 2 and "no such model folder" in err and not (tmp_path / "out").exists()
+    # a single-name Hub id (as "gpt2") is an id, not a missing folder: offline, transformers' own error is reported
+    rc, err = _cli(["library", "train", "--base-model", "no-such-model-xyz", "--dataset", str(data),
+                    "--output-dir", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "Cannot load the base model 'no-such-model-xyz'" in err and not (tmp_path / "out").exists()
+
+
+def test_bad_yaml_in_a_config_flag(tiny, tmp_path, capsys):
+    _, model, data = tiny
+    rc, err = _cli(["library", "train", "--base-model", str(model), "--dataset", str(data),
+                    "--output-dir", str(tmp_path / "out"), "--num-clusters", "[1"], capsys)
+    assert rc == 2 and "argument --num-clusters: '[1' is not valid YAML" in err and not (tmp_path / "out").exists()
 
 
 def test_unusable_output_dir(tiny, tmp_path, capsys, monkeypatch):

@@ -20,9 +20,7 @@ import sys
 import typing
 from pathlib import Path
 
-import yaml
-
-from ..cli import key_value
+from ..cli import key_value, yaml_value
 from .config import LibraryTrainConfig
 from .errors import LibraryConfigError
 
@@ -40,10 +38,6 @@ examples:
 
 Each command has its own --help (train lists every config field with its default).
 """
-
-
-def _yaml_value(text: str):
-    return yaml.safe_load(text)
 
 
 def _shown(value) -> str:
@@ -93,7 +87,7 @@ def _add_train(sub) -> None:
             g.add_argument(flag, dest=f"cfg_{f.name}", nargs="+", default=argparse.SUPPRESS,
                            metavar=_metavar(f, tp), help=help_)
         else:
-            g.add_argument(flag, dest=f"cfg_{f.name}", type=_yaml_value, default=argparse.SUPPRESS,
+            g.add_argument(flag, dest=f"cfg_{f.name}", type=yaml_value, default=argparse.SUPPRESS,
                            metavar=_metavar(f, tp), help=help_)
     p.set_defaults(func=cmd_train)
 

@@ -93,9 +93,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | None:
     """The existing library.json to resume from, ``None`` for a fresh run; raise when the folder holds anything
-    else (never mix two runs in one library)."""
-    if out.exists() and not out.is_dir():
-        raise LibraryExistsError(f"output_dir {str(out)!r} is a file, not a folder. Choose a folder.")
+    else (never mix two runs in one library). ``out`` is not a file (checked by the caller)."""
     if not out.exists() or not any(p for p in out.iterdir() if p.name != _RUN_DIR):
         return None
     meta_file = out / LIBRARY_FILE
