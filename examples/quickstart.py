@@ -20,10 +20,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp" with PEFT)
-from peft_cp_merge.evaluate import exact_match, paired_difference
+from peft_cp_merge.demo.evaluate import exact_match, paired_difference
+from peft_cp_merge.demo.tasks import TASKS, make_splits
+from peft_cp_merge.demo.training import train_lora
 from peft_cp_merge.models import load_model_and_tokenizer
-from peft_cp_merge.tasks import TASKS, make_splits
-from peft_cp_merge.training import train_lora
 
 logger = logging.getLogger("quickstart")
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 import peft_cp_merge  # noqa: F401  (registers combination_type="cp" with PEFT)
-from peft_cp_merge.evaluate import exact_match
+from peft_cp_merge.demo.evaluate import exact_match
+from peft_cp_merge.demo.tasks import TASKS, Example, make_splits
 from peft_cp_merge.library import AdapterLibrary, LibraryError, LibraryTrainConfig, read_rows, train_library
 from peft_cp_merge.models import load_model_and_tokenizer
-from peft_cp_merge.tasks import TASKS, Example, make_splits
 
 logger = logging.getLogger("tc_lora")
 

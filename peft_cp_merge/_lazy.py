@@ -11,7 +11,7 @@ def lazy_attributes(package: str, names: Mapping[str, str], namespace: dict[str,
                     ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``: each name in ``names`` (name -> submodule) is imported from its
     submodule on first access and cached in ``namespace`` (the package's globals); any other attribute is tried as a
-    submodule (``package.engine``), as if everything had been imported eagerly."""
+    submodule (``package.files``), as if everything had been imported eagerly."""
 
     def __getattr__(name: str) -> Any:
         if name in names:

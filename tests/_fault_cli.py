@@ -1,4 +1,4 @@
-"""``python -m _fault_cli ARGS``: the library CLI (``peft_cp_merge.library.cli``) with a fault injected by
+"""``python -m _fault_cli ARGS``: the CLI (``peft_cp_merge.cli``) with a fault injected by
 monkeypatching, for the kill-and-resume and failing-rank tests; the package itself has no fault hook.
 
 ``PEFT_CP_MERGE_TEST_FAIL=cluster=C,step=S[,rank=R][,mode=exit|raise]`` makes rank R (default: every rank) exit hard
@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from peft_cp_merge.library import cli, train
+from peft_cp_merge.cli import main
+from peft_cp_merge.library import train
 
 ENV = "PEFT_CP_MERGE_TEST_FAIL"
 
@@ -41,4 +42,4 @@ def install(spec: str) -> None:
 
 if __name__ == "__main__":
     install(os.environ[ENV])
-    sys.exit(cli.main())
+    sys.exit(main(sys.argv[1:]))

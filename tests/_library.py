@@ -52,7 +52,7 @@ def make_tiny_model(path: Path) -> Path:
 
 
 def make_rows(tasks=TASKS3, n=12, split="train", seed=0) -> list[dict]:
-    from peft_cp_merge.tasks import make_examples
+    from peft_cp_merge.demo.tasks import make_examples
 
     rows = []
     for t in tasks:
@@ -92,11 +92,12 @@ def env(**extra) -> dict[str, str]:
 
 def run_cli(args, *, ranks: int = 1, timeout: float = 240, fail: str | None = None,
             **extra_env) -> subprocess.CompletedProcess:
-    """``python -m peft_cp_merge.library.cli ARGS`` on one process, or under
+    """``python -m peft_cp_merge.cli library ARGS`` on one process, or under
     ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N`` (real gloo ranks). ``fail``
     (``cluster=C,step=S[,rank=R][,mode=exit|raise]``) runs it through ``tests/_fault_cli.py`` instead, which injects
     that fault by monkeypatching."""
-    module = "peft_cp_merge.library.cli"
+    module = "peft_cp_merge.cli"
+    args = ["library", *args]
     if fail:
         module = "_fault_cli"
         extra_env = {"PEFT_CP_MERGE_TEST_FAIL": fail,

@@ -8,7 +8,7 @@ from _models import random_factors as _factors
 from _models import rel_err as _rel
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
-from peft_cp_merge.peft_glue import get_lora_factors
+from peft_cp_merge.integrations.peft import get_lora_factors
 
 svd, tsv, knots = (get_merge_method(n) for n in ("svd", "tsv", "knots"))
 

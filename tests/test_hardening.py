@@ -18,10 +18,10 @@ from _hub import fake_hf_api
 from _models import make_peft_model
 from safetensors.torch import load_file, save_file
 
-import peft_cp_merge.engine as engine
+import peft_cp_merge.files.merge as engine
 from peft_cp_merge import LoraFactors, MergeInputError, _io, get_merge_method, load_recipe, merge_adapters
-from peft_cp_merge.card import Recipe
 from peft_cp_merge.cli import main as cli_main
+from peft_cp_merge.files.recipe import Recipe
 
 ADAPTERS = {"x": {"r": 2, "lora_alpha": 4}, "y": {"r": 3, "lora_alpha": 3, "rank_pattern": {"lin0": 4}}}
 WEIGHTS = "adapter_model.safetensors"

@@ -11,8 +11,8 @@ from _models import random_factors as _factors
 from _models import rel_err as _rel
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method, merge_adapters
+from peft_cp_merge.integrations.peft import get_lora_factors
 from peft_cp_merge.methods.iso import iso_cts_budget
-from peft_cp_merge.peft_glue import get_lora_factors
 
 iso_c, iso_cts, core_ties, tsv = (get_merge_method(n) for n in ("iso_c", "iso_cts", "core_ties", "tsv"))
 

@@ -246,12 +246,12 @@ def test_push_is_one_commit_at_the_hfapi_boundary(ref, monkeypatch):
 
 
 def test_cli_info(ref, capsys):
-    from peft_cp_merge.library.cli import main
+    from peft_cp_merge.cli import main
 
-    assert main(["info", str(ref.path)]) == 0
+    assert main(["library", "info", str(ref.path)]) == 0
     out = capsys.readouterr().out
     assert "clusters:        3" in out and "| cluster_1 | 12 |" in out
-    assert main(["info", "/nonexistent/lib"]) == 2
+    assert main(["library", "info", "/nonexistent/lib"]) == 2
 
 
 def test_merge_through_the_file_engine(ref, tmp_path):

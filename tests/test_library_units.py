@@ -8,6 +8,8 @@ import pytest
 import torch
 from _library import make_rows, write_jsonl
 
+from peft_cp_merge.cli import main
+from peft_cp_merge.cli.library import config_from_args
 from peft_cp_merge.library import (
     ClusteringError,
     EmbeddingModelError,
@@ -21,7 +23,6 @@ from peft_cp_merge.library import (
     resolve_embedding_model,
     route_embeddings,
 )
-from peft_cp_merge.library.cli import config_from_args, main
 from peft_cp_merge.library.data import IGNORE_INDEX, collate, tokenize
 
 
@@ -39,7 +40,7 @@ def tok():
 def test_config_yaml_then_set_then_flags(tmp_path):
     import argparse
 
-    from peft_cp_merge.library.cli import add_subcommands
+    from peft_cp_merge.cli.library import add_subcommands
 
     (tmp_path / "c.yaml").write_text("num_clusters: 3\nlora_r: 4\nparallel_mode: clusters\n")
     parser = argparse.ArgumentParser()
@@ -79,7 +80,7 @@ def test_fingerprint_ignores_where_and_how_many_processes():
 
 
 def test_print_config_cli(capsys):
-    assert main(["train", "--set", "num_clusters=5", "--print-config"]) == 0
+    assert main(["library", "train", "--set", "num_clusters=5", "--print-config"]) == 0
     assert "num_clusters: 5" in capsys.readouterr().out
 
 

@@ -125,7 +125,7 @@ def _peft_builtin_results():
 
 
 def test_peft_builtin_types_unchanged_by_plugin():
-    original = peft_cp_merge.peft_glue.LoraModel.add_weighted_adapter._peft_cp_merge_original
+    original = peft_cp_merge.integrations.peft.LoraModel.add_weighted_adapter._peft_cp_merge_original
     peft_cp_merge.unregister()
     try:
         assert LoraModel.add_weighted_adapter is original
@@ -252,7 +252,7 @@ def test_failure_during_injection_is_rolled_back(model, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(peft_cp_merge.peft_glue, "_freeze_adapter", boom)
+    monkeypatch.setattr(peft_cp_merge.integrations.peft, "_freeze_adapter", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         model.add_weighted_adapter(["x", "y"], [0.5, 0.5], "m", combination_type="cp")
     _assert_unchanged(model, snap)

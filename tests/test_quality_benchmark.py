@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_cp_merge.evaluate import encode, exact_match
-from peft_cp_merge.tasks import Example
+from peft_cp_merge.demo.evaluate import encode, exact_match
+from peft_cp_merge.demo.tasks import Example
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "

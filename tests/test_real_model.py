@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 from tensorly.decomposition import parafac
 
 import peft_cp_merge  # noqa: F401
-from peft_cp_merge.evaluate import encode, exact_match
-from peft_cp_merge.tasks import make_examples
+from peft_cp_merge.demo.evaluate import encode, exact_match
+from peft_cp_merge.demo.tasks import make_examples
 
 pytestmark = [
     pytest.mark.real_model,

@@ -1,4 +1,4 @@
-"""Per-task and joint LoRA adapters: trained with ``peft_cp_merge.training.train_lora``, cached on disk.
+"""Per-task and joint LoRA adapters: trained with ``peft_cp_merge.demo.training.train_lora``, cached on disk.
 
 The cache key is a hash of everything that changes the weights (model, LoRA config, steps, lr, batch size,
 max length, training data size, data seed, seed), so a rerun with the same settings loads the adapters instead of
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from peft_cp_merge._io import atomic_folder
-from peft_cp_merge.tasks import Example
-from peft_cp_merge.training import train_lora
+from peft_cp_merge.demo.tasks import Example
+from peft_cp_merge.demo.training import train_lora
 
 logger = logging.getLogger("benchmarks.quality")
 

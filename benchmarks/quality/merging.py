@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from peft_cp_merge.evaluate import encode, exact_match
-from peft_cp_merge.tasks import Example
+from peft_cp_merge.demo.evaluate import encode, exact_match
+from peft_cp_merge.demo.tasks import Example
 
 logger = logging.getLogger("benchmarks.quality")
 

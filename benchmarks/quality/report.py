@@ -123,7 +123,7 @@ def write_markdown(data: dict, path: Path) -> None:
         f"`{data['command']}` on {data['device']} ({data['torch_threads']} torch threads, {data['cpu_count']} CPUs); "
         f"total wall time {wall.get('total', 0) / 60:.1f} min.",
         "",
-        f"**Setup.** {len(tasks)} procedural tasks from `peft_cp_merge.tasks` ({', '.join(tasks)}); "
+        f"**Setup.** {len(tasks)} procedural tasks from `peft_cp_merge.demo.tasks` ({', '.join(tasks)}); "
         f"{d['n_train']} train / {d['n_val']} validation / {d['n_test']} test prompts per task, "
         f"{d.get('n_heldout', 0)} test prompts per held-out task (hash-based splits, "
         f"data seed {d['data_seed']}). One LoRA per task: r={cfg['rank']}, alpha={cfg['alpha']:g}, modules "

@@ -4,11 +4,11 @@
     python -m benchmarks.quality --quick          # 3 tasks, 1 seed, fewer steps/examples (a few minutes)
     python benchmarks/quality/run.py --model HuggingFaceTB/SmolLM2-360M-Instruct --n-test 200   # any causal LM
 
-Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_merge.evaluate``):
+Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_merge.demo.evaluate``):
 
-1. Data: ``peft_cp_merge.tasks`` (procedural tasks, hash-based train/validation/test splits, data seed 0).
+1. Data: ``peft_cp_merge.demo.tasks`` (procedural tasks, hash-based train/validation/test splits, data seed 0).
 2. Adapters: one LoRA per task, one shared config (rank r, alpha 2r, all attention and MLP projections, steps, lr,
-   batch size), trained with ``peft_cp_merge.training.train_lora`` and cached by a config hash. The run seed sets
+   batch size), trained with ``peft_cp_merge.demo.training.train_lora`` and cached by a config hash. The run seed sets
    adapter init, data order and the merges' random parts (DARE); data and splits are the same for every seed.
    References: the base model, each task's own adapter, and a joint adapter trained on all tasks' data with the
    same total steps (on the first ``--ref-seeds`` seeds).
@@ -19,7 +19,7 @@ Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_mer
    other ranks and seeds unless ``--search-seeds all``. How merges are evaluated at several lambdas cheaply, and
    how that is verified: see ``benchmarks/quality/merging.py``.
 4. Metrics on the test split: per task, mean, normalized accuracy (merged / the task's own adapter), mean +- sample
-   std over seeds; held-out tasks (``peft_cp_merge.tasks.HELD_OUT``, no adapter trained on them) in their own
+   std over seeds; held-out tasks (``peft_cp_merge.demo.tasks.HELD_OUT``, no adapter trained on them) in their own
    column; every merge's difference to the best non-CP merge with a paired bootstrap 95% interval over the test
    prompts (per-prompt hits are stored in the JSON).
 5. TC-LoRA: the pooled training data clustered into k = T clusters by the library trainer, one adapter per cluster
@@ -68,7 +68,7 @@ from benchmarks.quality.merging import (  # noqa: E402
     slice_adapter,
 )
 from peft_cp_merge._io import atomic_write_text  # noqa: E402
-from peft_cp_merge.tasks import HELD_OUT, TASKS, make_examples, make_splits  # noqa: E402
+from peft_cp_merge.demo.tasks import HELD_OUT, TASKS, make_examples, make_splits  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -193,7 +193,7 @@ def _compare(hits: dict[str, dict], summary: dict, labels: list[str], references
     """Each of ``labels`` against the best of ``references`` (highest ``summary[...][key]`` mean on test: the
     strongest baseline, which is conservative for the others): the mean difference over the common seeds and its
     paired bootstrap 95% interval over the test prompts of ``tasks``."""
-    from peft_cp_merge.evaluate import paired_difference
+    from peft_cp_merge.demo.evaluate import paired_difference
 
     refs = [r for r in references if r in summary and r in hits and not math.isnan(summary[r][key][0])]
     if not refs or not tasks:
@@ -335,7 +335,7 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "peft_cp_merge.training", "accelerate"):
+    for noisy in ("httpx", "urllib3", "sentence_transformers", "peft_cp_merge.demo.training", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
     warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)")
@@ -344,7 +344,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
-    from peft_cp_merge.evaluate import exact_match
+    from peft_cp_merge.demo.evaluate import exact_match
     from peft_cp_merge.models import load_model_and_tokenizer
 
     progress = not args.no_progress

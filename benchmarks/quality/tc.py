@@ -17,8 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from peft_cp_merge.evaluate import exact_match
-from peft_cp_merge.tasks import Example
+from peft_cp_merge.demo.evaluate import exact_match
+from peft_cp_merge.demo.tasks import Example
 
 from .adapters import AdapterConfig
 

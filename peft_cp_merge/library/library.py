@@ -283,7 +283,7 @@ class AdapterLibrary:
         ``weights``: ``None`` (the engine's default), one float per cluster, or ``"size"`` (each cluster weighted
         by its share of the training examples). ``options`` go to the merge method (e.g. ``cp_init``).
         """
-        from ..engine import merge_adapters
+        from ..files.merge import merge_adapters
 
         ids = self.available if clusters is None else [int(i) for i in clusters]
         if isinstance(weights, str):

@@ -3,7 +3,7 @@
 Run it the same way on one process, several CPU processes or N GPUs::
 
     peft-cp-merge library train --config library.yaml
-    accelerate launch --num_processes 8 -m peft_cp_merge.library.cli train --config library.yaml
+    accelerate launch --num_processes 8 -m peft_cp_merge.cli library train --config library.yaml
 
 Parallel modes (``parallel_mode``):
 

@@ -21,14 +21,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from .errors import MergeInputError
-
-if TYPE_CHECKING:
-    from .engine import MergedAdapter
+from ..errors import MergeInputError
 
 RECIPE_FIELDS = {
     "sources": "adapter folders or Hub ids (strings, or {source: ..., revision: ...})",
@@ -45,60 +42,8 @@ RECIPE_FIELDS = {
 COMMAND_LINE_ONLY = {"out": "--out DIR", "overwrite": "--overwrite", "push_to_hub": "--push-to-hub REPO_ID"}
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 MAX_RECIPE_BYTES = 4 * 2**20
-_RECIPE_START = "<!-- peft-cp-merge recipe -->"
-_BLOCK = re.compile(re.escape(_RECIPE_START) + r"\s*```yaml\n(.*?)```", re.S)
-
-
-def render_card(merged: MergedAdapter) -> str:
-    """The README.md (YAML metadata + markdown) written next to a merged adapter."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .methods import get_merge_method
-
-    r = merged.recipe
-    method = get_merge_method(r["method"])
-    base = r["base_model"] or "<base model>"
-    data = ModelCardData(library_name="peft", tags=["lora", "peft-cp-merge", r["method"]])
-    if r["base_model"]:
-        data.base_model, data.base_model_relation = r["base_model"], "merge"
-    rows = "\n".join(
-        f"| {i} | `{s['source']}` | {s.get('revision') or 'local'} | {w:g} |"
-        for i, (s, w) in enumerate(zip(r["sources"], r["weights"]))
-    )
-    recipe = yaml.safe_dump(r, sort_keys=False)
-    stats = merged.stats
-    body = f"""
-# Merged LoRA adapter ({r['method']})
-
-A LoRA adapter for `{base}` made by merging {len(r['sources'])} LoRA adapters with
-**{method.pretty_name}** ({method.reference}) at rank {r['rank']}, using
-[peft-cp-merge](https://pypi.org/project/peft-cp-merge/).
-
-| # | source adapter | revision | weight |
-|---|---|---|---|
-{rows}
-
-Merged {stats.get('modules', '?')} modules with {', '.join(f'{k} {v}' for k, v in stats.get('versions', {}).items())}.
-
-## Use
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this repo or folder>")
-```
-
-## Recipe
-
-Re-run this merge with `peft-cp-merge merge --recipe README.md --out merged` (this card is a valid recipe; where
-to write and whether to push are only ever taken from the command line).
-
-{_RECIPE_START}
-```yaml
-{recipe}```
-"""
-    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+RECIPE_START = "<!-- peft-cp-merge recipe -->"
+_BLOCK = re.compile(re.escape(RECIPE_START) + r"\s*```yaml\n(.*?)```", re.S)
 
 
 @dataclass

@@ -1,55 +1,13 @@
-"""The ``peft-cp-merge`` command line (``merge``, ``methods``, ``library``).
-
-``--help`` must start at once: this module and the parsers import nothing heavy (no torch, PEFT, tensorly); each
-command imports what it needs when it runs. :data:`DESCRIPTION` is the text users see.
-"""
+"""``peft-cp-merge merge`` (adapter files or Hub ids -> one adapter) and ``peft-cp-merge methods``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import Any
 
-import yaml
-
-from .card import DTYPE_NAMES, RECIPE_FIELDS, check_recipe, load_recipe
-from .errors import PeftCpMergeError
-
-logger = logging.getLogger("peft_cp_merge")
-
-DESCRIPTION = """\
-Merge LoRA adapters from local folders or Hub repos into one LoRA adapter, and train, inspect and merge TC-LoRA
-adapter libraries.
-
-examples:
-  peft-cp-merge merge user/math-lora user/code-lora ./qa-lora --method cp --rank 16 --out merged
-  peft-cp-merge merge --recipe recipe.yaml --out merged    # or the README.md of a merged adapter
-  peft-cp-merge merge a b --method tsv --weights 0.7 0.3 --out merged --push-to-hub me/merged
-  peft-cp-merge methods                                    # the merge methods, their options and values
-  peft-cp-merge library train --config library.yaml        # more: peft-cp-merge library --help
-
-Each command has its own --help.
-"""
-
-
-def yaml_value(text: str) -> Any:
-    """A command-line value read as YAML (``4`` -> int, ``[a, b]`` -> list, ``null`` or empty -> None); invalid YAML
-    is an argparse error naming the value. An argparse ``type``."""
-    try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({' '.join(str(e).split())})") from None
-
-
-def key_value(text: str) -> tuple[str, Any]:
-    """The one ``KEY=VALUE`` parser of the command line (``--option``, ``--set``): the value is read by
-    :func:`yaml_value`; ``-`` in the key reads as ``_``. An argparse ``type``."""
-    key, sep, value = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. cp_init=svd), got {text!r}")
-    return key, yaml_value(value)
+from ..errors import PeftCpMergeError
+from ..files.recipe import DTYPE_NAMES, RECIPE_FIELDS, check_recipe, load_recipe
+from . import key_value
 
 
 def _add_merge(sub) -> None:
@@ -95,7 +53,7 @@ def _add_merge(sub) -> None:
 
 
 def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe (if any) with the command-line flags on top, type-checked (:class:`~peft_cp_merge.card.Recipe`).
+    """The recipe (if any) with the command-line flags on top, type-checked (:class:`..files.recipe.Recipe`).
 
     Where to write, whether to overwrite and whether to push are not part of it: they come only from the command
     line (``args.out``, ``args.overwrite``, ``args.push_to_hub``), never from a recipe or model card.
@@ -119,8 +77,8 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ._io import check_output_folder
-    from .engine import merge_adapters
+    from .._io import check_output_folder
+    from ..files.merge import merge_adapters
 
     s = merge_settings(args)
     out = Path(args.out) if args.out else None
@@ -153,7 +111,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import get_merge_method, list_merge_methods
+    from ..methods import get_merge_method, list_merge_methods
 
     names = list_merge_methods()
     width = max(map(len, names))
@@ -170,69 +128,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``peft-cp-merge merge: error: ... (see --help)``, exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
-
-
-def _library_missing(error: ImportError):
-    """``library`` when the trainer's extra is not installed: the command says how to install it."""
-    def add_subcommands(sub):
-        p = sub.add_parser("library", help="TC-LoRA adapter libraries (needs: pip install 'peft-cp-merge[library]')",
-                           add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-
-        def fail(args):
-            raise PeftCpMergeError(str(error))
-
-        p.set_defaults(func=fail)
-    return add_subcommands
-
-
-def build_parser() -> argparse.ArgumentParser:
-    try:
-        from .library.cli import add_subcommands
-    except ImportError as e:  # merge-only install: everything but `library` works
-        add_subcommands = _library_missing(e)
-
-    parser = _Parser(prog="peft-cp-merge", description=DESCRIPTION,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="{merge,methods,library}", required=True)
+def add_merge_commands(sub) -> None:
+    """Add ``merge`` and ``methods`` to the top-level sub-parsers."""
     _add_merge(sub)
     sub.add_parser("methods", help="list the merge methods, their options, defaults and allowed values",
                    description="List the merge methods, their options, defaults and allowed values."
                    ).set_defaults(func=cmd_methods)
-    add_subcommands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s")
-    return run_command(args)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """``args.func(args)``, with bad input (our errors, an unusable path) as one line on stderr and exit code 2."""
-    try:
-        return args.func(args)
-    except PeftCpMergeError as e:  # LibraryError included
-        logger.debug("bad input", exc_info=True)
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an output folder that is a file or not writable, a full disk, ...
-        logger.debug("I/O error", exc_info=True)
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,137 @@
+"""A merged LoRA adapter in memory (:class:`MergedAdapter`): PEFT-format tensors, config and recipe; written
+atomically as a plain PEFT folder with a model card (``huggingface_hub.ModelCard``) that holds the recipe, or pushed
+to the Hub in one commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import LoraConfig
+
+from .._io import atomic_folder
+from ..errors import MergeInputError
+from .recipe import RECIPE_START
+from .sources import CONFIG_FILE, WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergedAdapter:
+    """A merged LoRA adapter in memory: PEFT-format tensors, its ``LoraConfig`` and the recipe that made it."""
+
+    tensors: dict[str, torch.Tensor]
+    config: LoraConfig
+    recipe: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def config_json(self) -> str:
+        """``adapter_config.json`` as PEFT writes it (sorted keys), with set-valued fields (``target_modules``)
+        written as sorted lists, so the same merge always gives the same bytes."""
+        d = self.config.to_dict()
+        for k, v in d.items():
+            if isinstance(v, (set, frozenset)):
+                d[k] = sorted(v)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    def _write(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        (folder / CONFIG_FILE).write_text(self.config_json())
+        save_file({k: v.contiguous().cpu() for k, v in self.tensors.items()}, str(folder / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        (folder / "README.md").write_text(render_card(self))
+
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md`` (the model card with
+        the recipe) into a new folder, atomically; an existing folder is refused unless ``overwrite``."""
+        try:
+            return atomic_folder(save_directory, self._write, overwrite=overwrite)
+        except FileExistsError as e:
+            raise MergeInputError(str(e)) from None
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
+                    commit_message: str | None = None, token: str | bool | None = None) -> str:
+        """Upload the adapter folder to ``repo_id`` (created if missing) in one commit; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "adapter"
+            folder.mkdir()
+            self._write(folder)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=str(folder), revision=revision,
+                commit_message=commit_message or f"Merge {len(self.recipe['sources'])} LoRA adapters with "
+                                                 f"{self.recipe['method']} (peft-cp-merge)",
+            )
+        return str(getattr(info, "commit_url", info))
+
+
+def render_card(merged: MergedAdapter) -> str:
+    """The README.md (YAML metadata + markdown) written next to a merged adapter."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from ..methods import get_merge_method
+
+    r = merged.recipe
+    method = get_merge_method(r["method"])
+    base = r["base_model"] or "<base model>"
+    data = ModelCardData(library_name="peft", tags=["lora", "peft-cp-merge", r["method"]])
+    if r["base_model"]:
+        data.base_model, data.base_model_relation = r["base_model"], "merge"
+    rows = "\n".join(
+        f"| {i} | `{s['source']}` | {s.get('revision') or 'local'} | {w:g} |"
+        for i, (s, w) in enumerate(zip(r["sources"], r["weights"]))
+    )
+    recipe = yaml.safe_dump(r, sort_keys=False)
+    stats = merged.stats
+    body = f"""
+# Merged LoRA adapter ({r['method']})
+
+A LoRA adapter for `{base}` made by merging {len(r['sources'])} LoRA adapters with
+**{method.pretty_name}** ({method.reference}) at rank {r['rank']}, using
+[peft-cp-merge](https://pypi.org/project/peft-cp-merge/).
+
+| # | source adapter | revision | weight |
+|---|---|---|---|
+{rows}
+
+Merged {stats.get('modules', '?')} modules with {', '.join(f'{k} {v}' for k, v in stats.get('versions', {}).items())}.
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this repo or folder>")
+```
+
+## Recipe
+
+Re-run this merge with `peft-cp-merge merge --recipe README.md --out merged` (this card is a valid recipe; where
+to write and whether to push are only ever taken from the command line).
+
+{RECIPE_START}
+```yaml
+{recipe}```
+"""
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+
+
