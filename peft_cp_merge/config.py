@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
 
@@ -140,33 +140,6 @@ def check_option_types(method, options: Mapping[str, Any]) -> None:
                 raise MergeInputError(f"{key} must be a finite number, got {value!r}; e.g. {key}={default!r}.")
         elif isinstance(default, str) and not isinstance(value, str):
             raise MergeInputError(f"{key} must be a string, got {value!r}; e.g. {key}={default!r}.")
-
-
-def rank_limit(modules: Iterable[tuple[int, int, int]]) -> int:
-    """The largest rank a merge of these modules can use: ``max`` over modules of ``min(sum_t r_t, out, in)``
-    (``modules`` yields ``(sum of the source ranks, out, in)`` per module). Components beyond it are all zero."""
-    return max((min(total, out, inp) for total, out, inp in modules), default=0)
-
-
-def check_merge_rank(rank: Any, option: str, *, default: int, limit: int) -> int:
-    """``rank`` (``None``: ``default``) as a positive integer no larger than ``max(limit, default)``.
-
-    A larger rank could only add all-zero components (the merged update of a module has rank at most
-    ``min(sum_t r_t, out, in)``), so it is refused before anything is allocated. The default, the largest source
-    rank, is always allowed (the sources already hold factors of that size).
-    """
-    if rank is None:
-        return default
-    if not _is_int(rank) or rank < 1:
-        raise MergeInputError(f"`{option}` must be a positive integer, got {rank!r}; e.g. {option}={default}.")
-    allowed = max(limit, default)
-    if rank > allowed:
-        raise MergeInputError(
-            f"`{option}`={rank} is larger than any merged layer can use: a layer's merged update has rank at most "
-            f"min(sum of the adapters' ranks, out, in), at most {allowed} here, so the extra components would be "
-            f"all zero. Pass {option} <= {allowed} (default: the largest adapter rank, {default})."
-        )
-    return rank
 
 
 def numerical_failure(where: Sequence[str], groups, error: Exception) -> MergeInputError:

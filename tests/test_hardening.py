@@ -187,6 +187,36 @@ def test_huge_rank_in_add_weighted_adapter_leaves_model_unchanged():
     assert (model.peft_config["ok"].r, model.peft_config["default"].r) == (6, 4)
 
 
+
+def test_one_rank_rule_in_the_registry():
+    """`resolve_rank` is the rank rule of both front ends (hand-computed): default = largest source rank, limit =
+    max over modules of min(sum r_t, out, in) (or the default if larger); `merge_batch` pads every result to it,
+    also for a chunk of modules whose own limit is lower than the whole merge's (the file engine's streaming)."""
+    cp = get_merge_method("cp")
+    modules = [([2, 3], 16, 4), ([1, 1], 8, 8)]  # limits min(5, 16, 4) = 4 and min(2, 8, 8) = 2
+    assert cp.resolve_rank(None, modules) == 3 and cp.resolve_rank(4, modules) == 4
+    with pytest.raises(MergeInputError, match="`cp_rank`=5 is larger .* Pass cp_rank <= 4"):
+        cp.resolve_rank(5, modules)
+    assert cp.resolve_rank(3, [([3], 16, 2)]) == 3  # the default (largest source rank) is always allowed
+    for bad in (0, -1, 2.0, "3", True):
+        with pytest.raises(MergeInputError, match="`rank` must be a positive integer"):
+            cp.resolve_rank(bad, option="rank")
+    assert cp.resolve_rank(None) is None
+    g = torch.Generator().manual_seed(0)
+
+    def lora(r, out, inp):
+        return LoraFactors(torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g), 1.0)
+
+    small = [lora(1, 8, 8), lora(1, 8, 8)]
+    with pytest.raises(MergeInputError, match="Pass cp_rank <= 2"):
+        cp.merge_batch([small], [[0.5, 0.5]], rank=4)
+    (padded,) = cp.merge_batch([small], [[0.5, 0.5]], rank=4, all_modules=modules)
+    (plain,) = cp.merge_batch([small], [[0.5, 0.5]], rank=4, all_modules=modules, pad=False)
+    assert padded.rank == 4 and plain.rank == 2 and torch.equal(padded.A[2:], torch.zeros(2, 8))
+    assert torch.allclose(padded.B @ padded.A, plain.B @ plain.A)
+    assert cp(small, [0.5, 0.5], rank=10**6).rank == 2  # the math-level call: no padding, nothing allocated
+
+
 def _rewrite(folder: Path, fn):
     tensors = load_file(folder / WEIGHTS)
     save_file({k: v.contiguous() for k, v in fn(tensors).items()}, folder / WEIGHTS)
@@ -325,8 +355,8 @@ _BAD_OPTIONS = {
     "batch size 0": ({"batch_size": 0}, ["--batch-size", "0"], "batch_size`? must be a positive integer"),
     "batch size -3": ({"batch_size": -3}, ["--batch-size", "-3"], "batch_size`? must be a positive integer"),
     "rank 0": ({"rank": 0}, ["--rank", "0"], "rank`? must be a positive integer"),
-    "rank float": ({"rank": 2.5}, ["--rank", "2.5"], "rank must be a positive integer|invalid int value"),
-    "rank str": ({"rank": "3"}, ["--rank", "three"], "rank must be a positive integer|invalid int value"),
+    "rank float": ({"rank": 2.5}, ["--rank", "2.5"], "rank`? must be a positive integer|invalid int value"),
+    "rank str": ({"rank": "3"}, ["--rank", "three"], "rank`? must be a positive integer|invalid int value"),
     "dtype": ({"dtype": "int8"}, ["--dtype", "int8"], "dtype='int8' is not supported|invalid choice"),
     "weights": ({"weights": ["a", "b"]}, ["--weights", "a", "b"], "weights must be|invalid float value"),
     "unknown option": ({"cp_magic": 1}, ["--option", "cp_magic=1"], "Unknown option"),

@@ -28,15 +28,12 @@ from tqdm.auto import tqdm
 
 from .._io import now, package_versions
 from ..config import (
-    check_merge_rank,
     check_option_types,
     merged_config,
     numerical_failure,
-    rank_limit,
 )
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
-from ..methods._linalg import pad_rank
 from .adapter import MergedAdapter
 from .sources import DTYPES, FACTOR_DTYPES, _check_shapes, _signature, index_modules, open_weights, resolve_source
 
@@ -98,8 +95,7 @@ def merge_adapters(
         sources = None
     if not sources:
         raise MergeInputError("`sources` must be a non-empty list of adapter folders or Hub ids.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise MergeInputError(f"rank must be a positive integer, got {rank!r}.")
+    m.resolve_rank(rank, option="rank")  # the type, before any source is resolved
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MergeInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     weights = [1.0 / len(sources)] * len(sources) if weights is None else _weights(weights, len(sources))
@@ -125,12 +121,10 @@ def merge_adapters(
         index = index_modules(srcs, open_all(stack))
     for name, entries in index.items():
         _check_shapes(name, entries, srcs)
-    # the default is the largest rank the sources actually hold (the configs agree, see index_modules); a larger
-    # rank is refused here, from the headers alone, before any tensor is read or allocated
-    default_rank = max(e.a_shape[0] for es in index.values() for e in es)
-    limit = rank_limit((sum(e.a_shape[0] for e in es), es[0].b_shape[0], math.prod(es[0].a_shape[1:]))
-                       for es in index.values())
-    rank = check_merge_rank(rank, "rank", default=default_rank, limit=limit)
+    # the registry's rank rule over every module, from the headers alone (the configs agree with them, see
+    # index_modules): a rank no layer can use is refused before any tensor is read or allocated
+    modules = [([e.a_shape[0] for e in es], es[0].b_shape[0], math.prod(es[0].a_shape[1:])) for es in index.values()]
+    rank = m.resolve_rank(rank, modules, option="rank")
     # the output dtype defaults to the sources' (the widest, if they differ); factors are read in at least float32
     # (what the registry computes in anyway) and cast to the output dtype once, at the end, where an overflow is
     # caught (_check_finite)
@@ -162,12 +156,11 @@ def merge_adapters(
                     groups.append(group)
                     wts.append([weights[e.source] for e in index[name]])
             try:
-                merged = m.merge_batch(groups, wts, rank=rank, where=chunk, **resolved)
+                merged = m.merge_batch(groups, wts, rank=rank, where=chunk, all_modules=modules, **resolved)
             except torch.linalg.LinAlgError as e:
                 raise numerical_failure(chunk, groups, e) from None
             del groups
             for name, f in zip(chunk, merged):
-                f = pad_rank(f, rank)
                 e = index[name][0]
                 tensors[e.a_key] = f.A.reshape(rank, *e.a_shape[1:]).to("cpu", out_dtype)
                 tensors[e.b_key] = f.B.reshape(e.b_shape[0], rank, *e.b_shape[2:]).to("cpu", out_dtype)

@@ -21,15 +21,12 @@ from peft.utils import _freeze_adapter
 
 from ..config import (
     check_lora_config,
-    check_merge_rank,
     check_option_types,
     merged_config,
     numerical_failure,
-    rank_limit,
 )
 from ..errors import MergeInputError, UnknownMergeOptionError
 from ..methods import LoraFactors, check_weights, get_merge_method
-from ..methods._linalg import pad_rank
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +69,20 @@ def _collect_layers(model: LoraModel, adapters, weights) -> tuple[list[str], lis
 
 
 def _merge_layers(model: LoraModel, adapters, weights, method, rank, options) -> dict[str, LoraFactors]:
-    """Merged factors for every LoRA layer holding at least one of ``adapters``; nothing is modified.
+    """Merged factors (exactly the merge's rank each) for every LoRA layer holding at least one of ``adapters``;
+    nothing is modified. ``rank`` follows the registry's rule (:meth:`MergeMethod.resolve_rank`).
 
     All layers go through one :meth:`MergeMethod.merge_batch` call, so batched methods (``cp``) merge the
     equal-shape layers of a model (all ``q_proj``, all ``k_proj``, ...) together, as the file engine does.
     """
     keys, groups, group_weights = _collect_layers(model, adapters, weights)
     if not keys:
-        return {}
+        raise MergeInputError(f"None of the adapters {adapters} has LoRA layers in this model; nothing to merge.")
     try:
         merged = method.merge_batch(groups, group_weights, rank=rank, where=keys, **options)
     except torch.linalg.LinAlgError as e:
         raise numerical_failure(keys, groups, e) from None
-    return {key: pad_rank(f, rank) for key, f in zip(keys, merged)}
+    return dict(zip(keys, merged))
 
 
 def add_weighted_adapter_registry(
@@ -147,20 +145,11 @@ def add_weighted_adapter_registry(
     configs = [model.peft_config[name] for name in adapters]
     for name, config in zip(adapters, configs):
         check_lora_config(config, name)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise MergeInputError(f"`{method.rank_option}` must be a positive integer, got {rank!r}.")
-    keys, groups, _ = _collect_layers(model, adapters, weights)
-    if not keys:
-        raise MergeInputError(f"None of the adapters {adapters} has LoRA layers in this model; nothing to merge.")
-    # default: the largest rank the adapters hold; limit: no merged layer update has a higher rank than
-    # min(sum_t r_t, out, in), so a larger rank (cp_rank=10**6) is refused before anything is allocated
-    default_rank = max(f.rank for g in groups for f in g)
-    limit = rank_limit((sum(f.rank for f in g), *g[0].shape) for g in groups)
-    rank = check_merge_rank(rank, method.rank_option, default=default_rank, limit=limit)
-    del keys, groups
+    method.resolve_rank(rank)  # the type, before any work
 
     # Compute everything before touching the model: an error above or here leaves it unchanged.
     merged = _merge_layers(model, adapters, weights, method, rank, options)
+    rank = next(iter(merged.values())).rank  # the registry's default or the checked rank (results are padded to it)
     for key, f in merged.items():  # the registry computes in float32 and casts back to the adapters' dtype
         _check_finite(key, f.A, f.B)
 

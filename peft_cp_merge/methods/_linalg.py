@@ -28,16 +28,6 @@ def balanced(U: torch.Tensor, g: torch.Tensor, V: torch.Tensor) -> LoraFactors:
     return LoraFactors(A=root[:, None] * V.T, B=U * (torch.sign(g) * root)[None, :], scaling=1.0)
 
 
-def pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
-    """Zero-pad (never truncate) factors to exactly ``rank`` components."""
-    extra = rank - f.rank
-    if extra <= 0:
-        return f
-    A = torch.cat([f.A, f.A.new_zeros(extra, f.A.shape[1])], dim=0)
-    B = torch.cat([f.B, f.B.new_zeros(f.B.shape[0], extra)], dim=1)
-    return LoraFactors(A, B, f.scaling)
-
-
 def zero_update(factors: list[LoraFactors]) -> LoraFactors:
     """Rank-1 zero factors of the modules' shape: the merge when every update is zero."""
     out, inn = factors[0].shape

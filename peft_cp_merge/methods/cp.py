@@ -71,7 +71,7 @@ import torch
 from tensorly.random import random_cp
 
 from ..errors import MergeInputError
-from ._linalg import balanced, pad_rank
+from ._linalg import balanced
 from .registry import LoraFactors, merge_method
 
 CP_INITS = ("svd", "random", "tasks")
@@ -359,7 +359,7 @@ def cp_merge(
     ALS with surplus components has singular normal equations); results are zero-padded back to ``rank``.
     ``cp_density`` is used by ``cp_variant="ties"``, ``cp_split_threshold`` by ``"split"`` (module docstring).
     """
-    requested, rank = rank, min(rank, sum(f.rank for f in groups[0]))
+    rank = min(rank, sum(f.rank for f in groups[0]))
     if cp_variant == "authors":  # the authors decomposed the unscaled products B_t A_t
         groups = [[LoraFactors(f.A, f.B, 1.0) for f in g] for g in groups]
     Bs, As = _stack(groups)
@@ -380,7 +380,7 @@ def cp_merge(
                    flip=cp_variant == "authors_v1")
     C, U_c, V_c = cp_als(W_B, W_A, U0, V0, T, n_iter_max=cp_n_iter_max, tol=cp_tol)
     if cp_variant == "orth":
-        return [pad_rank(f, requested) for f in _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T)]
+        return _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T)
     C = C.to(dtype)
     U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
     tiny = torch.finfo(dtype).tiny
@@ -395,7 +395,7 @@ def cp_merge(
     if not torch.isfinite(g).all():
         raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
     U, V = U / nu.clamp_min(tiny)[:, None], V / nv.clamp_min(tiny)[:, None]
-    return [pad_rank(balanced(U[n], g[n], V[n]), requested) for n in range(N)]
+    return [balanced(U[n], g[n], V[n]) for n in range(N)]
 
 
 def _loading_coefficients(c: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, variant: str, density: float,

@@ -11,14 +11,15 @@ never forms an out x in matrix.
 
 Methods are registered with :func:`merge_method` (one file per method, as mergekit does). Both front ends, the
 PEFT glue (``add_weighted_adapter``) and the adapter-file engine (``merge_adapters``), call methods through
-:meth:`MergeMethod.__call__`, which validates the input, computes in float32 (float64 when the factors are float64)
-on the factors' device, and casts the result back to the factors' dtype.
+:meth:`MergeMethod.merge_batch`, which owns the rank rule (default, limit, padding: :meth:`MergeMethod.resolve_rank`),
+validates the input, computes in float32 (float64 when the factors are float64) on the factors' device, and casts
+the result back to the factors' dtype; neither front end repeats any of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,9 +108,40 @@ class MergeMethod:
     ) -> LoraFactors:
         """Merge one module: validate, upcast, run the method, cast back to the input dtype.
 
-        ``where`` names the module in error messages.
+        The result has the method's own rank (at most ``rank``; not padded). ``where`` names the module in error
+        messages.
         """
-        return self.merge_batch([factors], [weights], rank=rank, where=[where], **options)[0]
+        return self.merge_batch([factors], [weights], rank=rank, where=[where], pad=False, **options)[0]
+
+    def resolve_rank(
+        self, rank: Any, modules: Iterable[tuple[Sequence[int], int, int]] | None = None, *, option: str | None = None
+    ) -> int | None:
+        """The one rank rule of both front ends: ``rank`` checked, with its default and its limit.
+
+        ``modules`` yields ``(source ranks, out, in)`` per module of the merge. ``rank=None`` means the default, the
+        largest source rank. A rank must be a positive integer no larger than ``max(limit, default)``, where
+        ``limit = max`` over modules of ``min(sum_t r_t, out, in)``: no merged update has a higher rank, so a larger
+        one could only add all-zero components and is refused before anything is allocated. Without ``modules``
+        (not known yet, e.g. before the adapter files are read) only the type is checked and ``None`` stays
+        ``None``. ``option`` names the rank in errors (default: :attr:`rank_option`).
+        """
+        option = option or self.rank_option
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise MergeInputError(f"`{option}` must be a positive integer, got {rank!r}; e.g. {option}=8.")
+        if modules is None:
+            return rank
+        modules = list(modules)
+        default = max(max(ranks) for ranks, _, _ in modules)
+        if rank is None:
+            return default
+        allowed = max(max(min(sum(ranks), out, inp) for ranks, out, inp in modules), default)
+        if rank > allowed:
+            raise MergeInputError(
+                f"`{option}`={rank} is larger than any merged layer can use: a layer's merged update has rank at "
+                f"most min(sum of the adapters' ranks, out, in), at most {allowed} here, so the extra components "
+                f"would be all zero. Pass {option} <= {allowed} (default: the largest adapter rank, {default})."
+            )
+        return rank
 
     def merge_batch(
         self,
@@ -118,18 +150,28 @@ class MergeMethod:
         *,
         rank: int | None = None,
         where: Sequence[str] | None = None,
+        pad: bool = True,
+        all_modules: Iterable[tuple[Sequence[int], int, int]] | None = None,
         **options: Any,
     ) -> list[LoraFactors]:
         """Merge several modules at once (``groups[n]`` are module n's factors, ``weights[n]`` its weights).
 
-        Batched methods get one call per run of modules with equal shapes and ranks; others one call per module.
-        The result for each module is cast back to its factors' dtype.
+        This is what both front ends call. ``rank`` follows :meth:`resolve_rank` over ``all_modules`` (default: the
+        ``(ranks, out, in)`` of ``groups``; the file engine, which streams modules in chunks, passes the whole
+        merge's), and with ``pad`` every result has exactly ``rank`` components (zero-padded), ready for a LoRA layer
+        of rank ``rank``. Without ``pad`` (the math-level :meth:`__call__`) each result keeps the method's own rank
+        and only the type of ``rank`` is checked. Batched methods get one call per run of modules with equal shapes
+        and ranks; others one call per module. Each result is cast back to its factors' dtype.
         """
         resolved = self.resolve_options(options)
         where = list(where) if where is not None else [""] * len(groups)
         for g, w, at in zip(groups, weights, where):
             check_factors(g, w, where=at)
-        rank = check_rank(rank, self.rank_option, default=max(f.rank for g in groups for f in g))
+        shapes = all_modules if all_modules is not None else [([f.rank for f in g], *g[0].shape) for g in groups]
+        if pad:
+            rank = self.resolve_rank(rank, shapes)
+        else:
+            rank = self.resolve_rank(rank) or max(f.rank for g in groups for f in g)
         prepared = [_upcast(g, w) for g, w in zip(groups, weights)]
         out: list[LoraFactors | None] = [None] * len(groups)
         if self.batched:
@@ -147,7 +189,8 @@ class MergeMethod:
             for n, (g, w) in enumerate(prepared):
                 out[n] = self.fn(g, w, rank=rank, **resolved)
         return [
-            LoraFactors(f.A.to(g[0].A.dtype).contiguous(), f.B.to(g[0].A.dtype).contiguous(), 1.0)
+            _pad_rank(LoraFactors(f.A.to(g[0].A.dtype).contiguous(), f.B.to(g[0].A.dtype).contiguous(), 1.0),
+                      rank if pad else 0)
             for f, g in zip(out, groups)
         ]
 
@@ -224,12 +267,14 @@ def list_merge_methods(*, peft_only: bool = False) -> list[str]:
     return sorted(n for n, m in _REGISTRY.items() if m.peft_combination_type or not peft_only)
 
 
-def check_rank(rank: Any, option: str, *, default: int) -> int:
-    if rank is None:
-        return default
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise MergeInputError(f"`{option}` must be a positive integer, got {rank!r}. Pass e.g. {option}={default}.")
-    return rank
+def _pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
+    """Zero-pad (never truncate) factors to ``rank`` components."""
+    extra = rank - f.rank
+    if extra <= 0:
+        return f
+    A = torch.cat([f.A, f.A.new_zeros(extra, f.A.shape[1])], dim=0)
+    B = torch.cat([f.B, f.B.new_zeros(f.B.shape[0], extra)], dim=1)
+    return LoraFactors(A, B, f.scaling)
 
 
 def check_weights(weights: Sequence[float] | torch.Tensor, n: int) -> list[float]:

@@ -13,7 +13,7 @@ The update ``B' A'`` equals PEFT's ``svd`` result (``U[:, :r] diag(S[:r]) Vh[:r]
 ``svd_clamp=None``) up to float rounding; the factors themselves differ from PEFT's by the sign of each singular pair
 and by the balancing (PEFT puts all of ``S`` into B). ``peft_combination_type=False``: PEFT keeps its own ``svd``;
 this one serves the adapter-file engine, which has no base model to call PEFT with. Deviations from PEFT: the rank
-is capped at ``min(out, in, S)`` (beyond that PEFT's extra components are zero; ``pad_rank`` restores the width),
+is capped at ``min(out, in, S)`` (beyond that PEFT's extra components are zero; the registry pads back to the rank),
 and ConvNd of every dimension is handled through the flattened factors (PEFT's own path mishandles Conv1d/Conv3d,
 peft #3769). ``svd_clamp`` / ``svd_full_matrices`` / ``svd_driver`` are not offered.
 """
