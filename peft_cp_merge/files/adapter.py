@@ -85,16 +85,11 @@ class MergedAdapter:
 
 def render_card(merged: MergedAdapter) -> str:
     """The README.md (YAML metadata + markdown) written next to a merged adapter."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     from ..methods import get_merge_method
 
     r = merged.recipe
     method = get_merge_method(r["method"])
     base = r["base_model"] or "<base model>"
-    data = ModelCardData(library_name="peft", tags=["lora", "peft-cp-merge", r["method"]])
-    if r["base_model"]:
-        data.base_model, data.base_model_relation = r["base_model"], "merge"
     rows = "\n".join(
         f"| {i} | `{s['source']}` | {s.get('revision') or 'local'} | {w:g} |"
         for i, (s, w) in enumerate(zip(r["sources"], r["weights"]))
@@ -132,6 +127,18 @@ to write and whether to push are only ever taken from the command line).
 ```yaml
 {recipe}```
 """
+    return model_card(body, base_model=r["base_model"], relation="merge", tags=["lora", "peft-cp-merge", r["method"]])
+
+
+def model_card(body: str, *, base_model: str | None, relation: str, tags: list[str]) -> str:
+    """A Hub model card (``huggingface_hub.ModelCard``): metadata ``library_name: peft``, ``tags`` and, when known,
+    ``base_model`` with ``base_model_relation`` (``merge``, ``adapter``), then the markdown ``body``. Used for
+    merged adapters and adapter libraries alike."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="peft", tags=tags)
+    if base_model:
+        data.base_model, data.base_model_relation = base_model, relation
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 
 

@@ -1,8 +1,5 @@
-"""Model card of a merged adapter, and merge recipes (YAML) that can be read back from it.
-
-The card's metadata says ``library_name: peft``, the ``base_model`` with ``base_model_relation: merge``, and the
-tags ``lora``, ``peft-cp-merge`` and the method name; its body lists the source adapters (Hub sources pinned to
-the downloaded commit) and holds the full recipe as a YAML block, so
+"""Merge recipes: one typed schema (:class:`Recipe`), read from a YAML file or from the recipe block of a merged
+adapter's model card (``files.adapter`` writes it), so
 
     peft-cp-merge merge --recipe path/to/merged/README.md
 
@@ -11,20 +8,20 @@ re-runs the merge (:func:`load_recipe` accepts a recipe file or a card).
 A recipe is data, not authority: it may name the sources, weights, method, rank, options, base model, dtype,
 device and batch size, never where to write, whether to overwrite or whether to push. Those come only from the
 command line (``--out``, ``--overwrite``, ``--push-to-hub``); a recipe naming them is refused. Every field is
-type-checked (:class:`Recipe`): booleans and numbers are not strings, unknown fields are errors.
+type-checked by one strict pydantic model (:class:`Recipe`): booleans and numbers are not strings, unknown
+fields are errors.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import asdict, dataclass, field
-from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .._schema import first_error
 from ..errors import MergeInputError
 
 RECIPE_FIELDS = {
@@ -46,27 +43,57 @@ RECIPE_START = "<!-- peft-cp-merge recipe -->"
 _BLOCK = re.compile(re.escape(RECIPE_START) + r"\s*```yaml\n(.*?)```", re.S)
 
 
-@dataclass
-class Recipe:
-    """A merge recipe, type-checked: what to merge and how, never where the result goes.
+# what a field must be, named in the error when a recipe's value is not that (pydantic decides that it is not)
+_EXPECTED = {
+    "sources": "must be a non-empty list of adapter folders or Hub ids; a source must be a string or "
+               "{source: ..., revision: ...} (strings)",
+    "weights": "must be a list of finite numbers, one per source",
+    "method": "must be a non-empty string",
+    "base_model": "must be a non-empty string",
+    "device": "must be a non-empty string",
+    "rank": "must be a positive integer",
+    "batch_size": "must be a positive integer",
+    "dtype": f"must be one of {list(DTYPE_NAMES)}",
+    "options": "must be a mapping such as {cp_init: svd}",
+}
 
-    ``None`` means "not given" (the command line or the engine's default decides). ``sources`` are spec strings
-    (``repo@revision`` when the recipe pins a revision).
+
+class Source(BaseModel):
+    """A source given as a mapping: the folder or Hub id, and the revision to pin."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    source: str = Field(min_length=1)
+    revision: str | None = None
+
+    def spec(self) -> str:
+        return self.source + (f"@{self.revision}" if self.revision else "")
+
+
+_Name = Annotated[str, Field(min_length=1)]
+_Positive = Annotated[int, Field(ge=1)]
+
+
+class Recipe(BaseModel):
+    """A merge recipe, type-checked strictly (pydantic): what to merge and how, never where the result goes.
+
+    ``None`` means "not given" (the command line or the engine's default decides). Strict: ``"3"`` is not a rank,
+    ``true`` not a number, unknown fields are errors. Build one with :meth:`parse`, which names the fix.
     """
 
-    sources: list[str] | None = None
-    weights: list[float] | None = None
-    method: str | None = None
-    rank: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    base_model: str | None = None
-    dtype: str | None = None
-    device: str | None = None
-    batch_size: int | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+    sources: list[Annotated[str, Field(min_length=1)] | Source] | None = Field(default=None, min_length=1)
+    weights: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(default=None, min_length=1)
+    method: _Name | None = None
+    rank: _Positive | None = None
+    options: dict[str, Any] | None = None
+    base_model: _Name | None = None
+    dtype: Literal[DTYPE_NAMES] | None = None
+    device: _Name | None = None
+    batch_size: _Positive | None = None
 
     @classmethod
     def parse(cls, data: Any, where: str = "recipe") -> Recipe:
-        """Check every field of a recipe mapping (as YAML loads it); raise :class:`MergeInputError` naming the fix."""
+        """Check a recipe mapping (as YAML loads it); raise :class:`MergeInputError` naming the field and the fix."""
         if data is None:
             data = {}
         if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
@@ -82,50 +109,24 @@ class Recipe:
         unknown = sorted(set(data) - set(RECIPE_FIELDS))
         if unknown:
             raise MergeInputError(f"{where}: unknown field(s) {unknown}. Valid fields: {sorted(RECIPE_FIELDS)}.")
-        get = {k: v for k, v in data.items() if v is not None}.get
-        recipe = cls()
-        sources = get("sources")
-        if sources is not None:
-            if not isinstance(sources, list) or not sources:
-                raise MergeInputError(f"{where}: `sources` must be a non-empty list of adapter folders or Hub ids.")
-            recipe.sources = [source_spec(s, where) for s in sources]
-        weights = get("weights")
-        if weights is not None:
-            if not isinstance(weights, list) or not weights or not all(_number(w) for w in weights):
-                raise MergeInputError(f"{where}: `weights` must be a list of finite numbers, one per source, got "
-                                      f"{weights!r}.")
-            recipe.weights = [float(w) for w in weights]
-        for key in ("method", "base_model", "device"):
-            value = get(key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise MergeInputError(f"{where}: `{key}` must be a non-empty string, got {value!r}.")
-            setattr(recipe, key, value)
-        for key in ("rank", "batch_size"):
-            value = get(key)
-            if value is not None and (not _integer(value) or value < 1):
-                raise MergeInputError(f"{where}: `{key}` must be a positive integer, got {value!r}.")
-            setattr(recipe, key, value)
-        dtype = get("dtype")
-        if dtype is not None and dtype not in DTYPE_NAMES:
-            raise MergeInputError(f"{where}: `dtype` must be one of {list(DTYPE_NAMES)}, got {dtype!r}.")
-        recipe.dtype = dtype
-        options = get("options") or {}
-        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-            raise MergeInputError(f"{where}: `options` must be a mapping such as {{cp_init: svd}}, got {options!r}.")
-        recipe.options = dict(options)
-        return recipe
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            loc, msg, _ = first_error(e)
+            name = loc.split(".")[0]
+            raise MergeInputError(f"{where}: `{name}` {_EXPECTED[name]}, got {data[name]!r:.200} ({loc}: {msg})."
+                                  ) from None
 
     def as_dict(self) -> dict[str, Any]:
-        """The fields that are set (``options`` always), as plain Python values."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def _integer(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
+        """The fields that are set (``options`` always), as plain values; ``sources`` as spec strings
+        (``repo@revision`` when the recipe pins a revision), ``weights`` as floats."""
+        d = {k: v for k, v in self.model_dump(exclude={"sources"}).items() if v is not None}
+        d["options"] = dict(self.options or {})
+        if self.sources is not None:
+            d["sources"] = [s if isinstance(s, str) else s.spec() for s in self.sources]
+        if self.weights is not None:
+            d["weights"] = [float(w) for w in self.weights]
+        return d
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -160,13 +161,3 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def check_recipe(recipe: Any, where: str = "recipe") -> dict[str, Any]:
     """:meth:`Recipe.parse` as a dict: field names and types checked, ``sources`` normalised to spec strings."""
     return Recipe.parse(recipe, where).as_dict()
-
-
-def source_spec(s: Any, where: str = "recipe") -> str:
-    if isinstance(s, str) and s:
-        return s
-    if (isinstance(s, dict) and isinstance(s.get("source"), str) and s["source"] and set(s) <= {"source", "revision"}
-            and (s.get("revision") is None or isinstance(s["revision"], str))):
-        return s["source"] + (f"@{s['revision']}" if s.get("revision") else "")
-    raise MergeInputError(f"{where}: a source must be a string or {{source: ..., revision: ...}} (strings), "
-                          f"got {s!r}.")

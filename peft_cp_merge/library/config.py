@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from .._schema import first_error
 from .errors import LibraryConfigError
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -144,10 +145,10 @@ class LibraryTrainConfig:
         try:  # validated only: the values are kept as given (16 stays 16), so fingerprints do not change
             _schema().model_validate(dataclasses.asdict(self))
         except ValidationError as e:
-            err = e.errors()[0]
-            name = ".".join(str(x) for x in err["loc"][:1]) or "?"
-            bad(name, f"{err['input']!r} is not valid ({err['msg'].lower()}; expected "
-                f"{_type_name(typing.get_type_hints(type(self))[name])}).")
+            loc, msg, value = first_error(e)
+            name = loc.split(".")[0]
+            expected = _type_name(typing.get_type_hints(type(self))[name])
+            bad(name, f"{value!r} is not valid ({msg}; expected {expected}).")
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")

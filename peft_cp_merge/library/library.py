@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_folder, atomic_write_json, atomic_write_text
+from .._schema import first_error
 from .cluster import Routing, route_embeddings
 from .errors import LibraryConfigError, LibraryError, LibraryExistsError, LibraryFormatError
 
@@ -79,24 +80,22 @@ def cluster_table(meta: dict[str, Any]) -> str:
 
 
 def render_card(meta: dict[str, Any]) -> str:
+    """The library's README.md: a Hub model card (:func:`peft_cp_merge.files.adapter.model_card`) with the cluster
+    table, the plot, how to use it and the training recipe."""
     import yaml
 
-    front = {
-        "library_name": "peft",
-        "base_model": meta.get("base_model"),
-        "tags": ["lora", "peft-cp-merge", "tc-lora", "adapter-library"],
-    }
+    from ..files.adapter import model_card
+
     training = meta.get("training", {})
     keep = ("num_clusters", "lora_r", "lora_alpha", "target_modules", "max_steps", "batch_size", "learning_rate",
             "parallel_mode", "seed")
     recipe = {k: training[k] for k in keep if k in training}
     plot = f"\n![clusters]({PLOT_FILE})\n" if meta.get("plot") else ""
-    return (
-        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
-        f"# TC-LoRA adapter library: {len(meta['clusters'])} cluster adapters\n\n"
+    body = (
+        f"\n# TC-LoRA adapter library: {len(meta['clusters'])} cluster adapters\n\n"
         f"One LoRA adapter per cluster of the training examples, clustered with `{meta.get('embedding_model')}` "
         f"embeddings (KMeans), on base model `{meta.get('base_model')}`. Built with "
-        "[peft-cp-merge](https://github.com/) (`peft-cp-merge library train`).\n\n"
+        "[peft-cp-merge](https://pypi.org/project/peft-cp-merge/) (`peft-cp-merge library train`).\n\n"
         f"{cluster_table(meta)}\n{plot}\n"
         "## Use\n\n```python\nfrom peft_cp_merge.library import AdapterLibrary\n\n"
         "lib = AdapterLibrary.from_pretrained(\"<this repo or folder>\")\n"
@@ -105,6 +104,8 @@ def render_card(meta: dict[str, Any]) -> str:
         "merged = lib.merge(method=\"cp\")                # one adapter (CP merge)\n```\n\n"
         "## Training recipe\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
     )
+    return model_card(body, base_model=meta.get("base_model"), relation="adapter",
+                      tags=["lora", "peft-cp-merge", "tc-lora", "adapter-library"])
 
 
 # --- the library --------------------------------------------------------------------------------------------------
@@ -361,9 +362,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     try:
         checked = _library_schema().model_validate(meta)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise LibraryFormatError(f"{f}: field `{where}` {err['msg'].lower()} (got {err.get('input')!r:.60}); the "
+        where, msg, value = first_error(e)
+        raise LibraryFormatError(f"{f}: field `{where}` {msg} (got {value!r:.60}); the "
                                  "library is corrupt or was not written by peft-cp-merge. Re-download or retrain "
                                  "it.") from None
     meta["clusters"] = [c.model_dump() for c in checked.clusters]
