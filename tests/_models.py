@@ -130,3 +130,40 @@ def capped_svd(matrix, n_eigenvecs=None, **kw):
     from tensorly.tenalg.svd import truncated_svd
 
     return truncated_svd(matrix, n_eigenvecs=min(n_eigenvecs or min(matrix.shape), *matrix.shape), **kw)
+
+
+def dense_truncated(X, rank):
+    """The best rank-``rank`` approximation of a dense matrix (truncated SVD)."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+
+
+def dense_ties(tasks, w, density, sign):
+    """TIES (Yadav et al.) on dense task matrices, as PEFT's ``ties``: top-k per task, sign election on the pruned
+    tensors (``"total"``: sign of the sum, ``"frequency"``: of the count; ties -> +), weights, disjoint mean over the
+    sign-agreeing entries. The reference for ``knots`` and ``core_ties``."""
+    pruned = []
+    for M in tasks:
+        if density < 1:
+            n_keep = int(density * M.numel())
+            thresh = M.abs().flatten().sort(descending=True).values[n_keep - 1]
+            M = torch.where(M.abs() >= thresh, M, torch.zeros_like(M))
+        pruned.append(M)
+    stack = torch.stack(pruned)
+    votes = stack.sum(0) if sign == "total" else torch.sign(stack).sum(0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
+    agree = torch.sign(stack) == elected
+    wt = torch.as_tensor(w, dtype=stack.dtype).reshape(-1, 1, 1)
+    return (stack * wt * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def dense_core_space(fs):
+    """Core space from dense SVDs: U_B of [B_1 .. B_T], V_A of [s_1 A_1; ..], svd_flip signs, M_t = U_B^T X_t V_A."""
+    U_B = torch.linalg.svd(torch.cat([f.B for f in fs], 1), full_matrices=False)[0]
+    V_A = torch.linalg.svd(torch.cat([f.scaling * f.A for f in fs], 0), full_matrices=False)[2].T
+
+    def flip(M):
+        return M * torch.sign(M[M.abs().argmax(0), torch.arange(M.shape[1])])
+
+    U_B, V_A = flip(U_B), flip(V_A)
+    return U_B, V_A, [U_B.T @ f.delta() @ V_A for f in fs]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _models import delta_matrix, make_peft_model
+from _models import delta_matrix, dense_core_space, dense_ties, dense_truncated, make_peft_model
 from _models import lora_layers as _layers
 from _models import random_factors as _factors
 from _models import rel_err as _rel
@@ -14,11 +14,6 @@ svd, tsv, knots = (get_merge_method(n) for n in ("svd", "tsv", "knots"))
 
 
 # ---------------------------------------------------------------- dense references, from the papers' formulas
-
-
-def _dense_truncated_svd(X, rank):
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
 
 
 def _dense_tsv(Xs, w, rank):
@@ -53,32 +48,19 @@ def _dense_knots(Xs, w, rank, density=1.0, sign="total"):
     U, S, Vh = U[:, keep], S[keep], Vh[keep]
     flip = torch.sign(U[U.abs().argmax(0), torch.arange(U.shape[1])])  # svd_flip: largest |entry| of U positive
     U, Vh = U * flip, Vh * flip[:, None]
-    tasks = []
-    for t in range(len(Xs)):
-        M = torch.diag(S) @ Vh[:, t * inn : (t + 1) * inn]
-        n_keep = int(density * M.numel())
-        if density < 1:
-            thresh = M.abs().flatten().sort(descending=True).values[n_keep - 1]
-            M = torch.where(M.abs() >= thresh, M, torch.zeros_like(M))
-        tasks.append(M)
-    stack = torch.stack(tasks)
-    votes = stack.sum(0) if sign == "total" else torch.sign(stack).sum(0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
-    agree = torch.sign(stack) == elected
-    wt = torch.as_tensor(w, dtype=stack.dtype).reshape(-1, 1, 1)
-    merged = (stack * wt * agree).sum(0) / agree.sum(0).clamp_min(1)
-    return _dense_truncated_svd(U @ merged, rank)
+    tasks = [torch.diag(S) @ Vh[:, t * inn : (t + 1) * inn] for t in range(len(Xs))]
+    return dense_truncated(U @ dense_ties(tasks, w, density, sign), rank)
 
 
 # ---------------------------------------------------------------- svd
 
 
 @pytest.mark.parametrize("rank", [1, 4, 9, 30])
-def test_svd_equals_dense_truncated_svd(rank):
+def test_svd_equalsdense_truncated(rank):
     fs, w = _factors([2, 3, 4]), [0.7, -0.3, 1.2]
     got = svd(fs, w, rank=rank)
     assert got.scaling == 1.0 and got.rank == min(rank, 9)
-    ref = _dense_truncated_svd(sum(wt * f.delta() for wt, f in zip(w, fs)), rank)
+    ref = dense_truncated(sum(wt * f.delta() for wt, f in zip(w, fs)), rank)
     assert _rel(got.B @ got.A, ref) < 1e-10
     assert torch.allclose(got.B.norm(dim=0), got.A.norm(dim=1))  # balanced
 
@@ -100,7 +82,7 @@ def test_svd_wide_rank_and_float32():
     fs32 = [LoraFactors(f.A.float(), f.B.float(), f.scaling) for f in fs]
     got32 = svd(fs32, [1.0, 1.0], rank=3)
     assert got32.A.dtype == torch.float32
-    assert _rel((got32.B @ got32.A).double(), _dense_truncated_svd(fs[0].delta() + fs[1].delta(), 3)) < 1e-5
+    assert _rel((got32.B @ got32.A).double(), dense_truncated(fs[0].delta() + fs[1].delta(), 3)) < 1e-5
 
 
 def test_svd_equals_peft_svd_on_a_peft_model():
@@ -121,7 +103,7 @@ def test_svd_equals_peft_svd_on_a_peft_model():
         # PEFT rounds the weights to float32 (torch.tensor(weights)): ~1e-8 relative on a float64 model
         assert _rel(got.B @ got.A, delta_matrix(layer, "peft_svd")) < 1e-6, key
         # and PEFT's svd is itself the truncated SVD of the weighted deltas
-        ref = _dense_truncated_svd(sum(wt * delta_matrix(layer, n) for n, wt in zip(names, w)), R)
+        ref = dense_truncated(sum(wt * delta_matrix(layer, n) for n, wt in zip(names, w)), R)
         assert _rel(got.B @ got.A, ref) < 1e-10, key
 
 
@@ -185,16 +167,28 @@ def test_tsv_weights_scale_the_blocks_linearly():
 # ---------------------------------------------------------------- knots
 
 
+def _dense_core_ties(Xs, fs, w, rank, density, sign):
+    """Core-space TIES on dense matrices: TIES on the cores U_B^T X_t V_A, lifted, truncated to ``rank``."""
+    U_B, V_A, cores = dense_core_space(fs)
+    assert cores[0].shape == (9, 9)
+    return dense_truncated(U_B @ dense_ties(cores, w, density, sign) @ V_A.T, rank)
+
+
+@pytest.mark.parametrize("method", ["knots", "core_ties"])
 @pytest.mark.parametrize(
     "density,sign,rank",
     [(1.0, "total", 9), (0.3, "total", 9), (0.5, "frequency", 9), (0.7, "total", 3), (1.0, "frequency", 2)],
 )
-def test_knots_equals_dense_reference(density, sign, rank):
+def test_ties_merges_equal_dense_reference(method, density, sign, rank):
     fs, w = _factors([2, 3, 4]), [0.7, -0.3, 1.2]
-    got = knots(fs, w, rank=rank, density=density, majority_sign_method=sign)
-    assert got.scaling == 1.0 and got.rank <= rank
-    ref = _dense_knots([f.delta() for f in fs], w, rank, density, sign)
+    got = get_merge_method(method)(fs, w, rank=rank, density=density, majority_sign_method=sign)
+    assert got.scaling == 1.0 and got.rank <= min(rank, 9)
+    Xs = [f.delta() for f in fs]
+    ref = _dense_knots(Xs, w, rank, density, sign) if method == "knots" else _dense_core_ties(Xs, fs, w, rank,
+                                                                                               density, sign)
     assert _rel(got.B @ got.A, ref) < 1e-8
+    if method == "core_ties":  # cores are full (9 x 9 here): the output rank is exactly min(rank, 9)
+        assert got.rank == min(rank, 9)
 
 
 def test_knots_single_task_reproduces_the_update():
@@ -225,29 +219,7 @@ def test_knots_float32_keeps_dtype():
 # ---------------------------------------------------------------- through PEFT's add_weighted_adapter
 
 
-@pytest.mark.parametrize(
-    "method,kwargs",
-    [("tsv", {"svd_rank": 4}), ("knots", {"svd_rank": 3, "density": 0.5}), ("knots", {}), ("tsv", {})],
-)
-def test_peft_route_equals_registry(method, kwargs):
-    adapters = {
-        "x": {"r": 2, "lora_alpha": 4},
-        "y": {"r": 3, "lora_alpha": 3, "rank_pattern": {"lin0": 4}, "alpha_pattern": {"conv2": 8}},
-        "z": {"r": 2, "lora_alpha": 2, "use_rslora": True},
-    }
-    model = make_peft_model(adapters)
-    names, w = list(adapters), [0.5, -0.3, 0.9]
-    model.add_weighted_adapter(names, w, "m", combination_type=method, **kwargs)
-    R = kwargs.get("svd_rank", 4)  # default: the largest adapter rank (4, from rank_pattern)
-    cfg = model.peft_config["m"]
-    assert (cfg.r, cfg.lora_alpha, cfg.use_rslora) == (R, R, False)
-    options = {k: v for k, v in kwargs.items() if k != "svd_rank"}
-    m = get_merge_method(method)
-    for key, layer in _layers(model).items():
-        assert layer.scaling["m"] == 1.0
-        got = m([get_lora_factors(layer, n) for n in names], w, rank=R, **options)
-        assert _rel(delta_matrix(layer, "m"), got.B @ got.A) < 1e-10, key
-        assert get_lora_factors(layer, "m").rank == R
+# every routed method against the registry on one PEFT model: test_iso_core.test_peft_route
 
 
 def test_svd_is_not_routed_and_peft_svd_is_untouched():
@@ -276,13 +248,24 @@ def test_knots_bad_options(kwargs, match):
         knots(_factors([2, 2]), [0.5, 0.5], **kwargs)
 
 
-def test_unknown_options_list_valid_ones():
-    with pytest.raises(UnknownMergeOptionError, match="Unknown option\\(s\\) \\['density'\\] for merge method 'tsv'"):
-        tsv(_factors([2, 2]), [0.5, 0.5], density=0.5)
-    with pytest.raises(UnknownMergeOptionError, match="Valid options: density, majority_sign_method"):
-        knots(_factors([2, 2]), [0.5, 0.5], topK=20)
-    with pytest.raises(UnknownMergeOptionError, match="Valid options: \\(none\\)"):
-        svd(_factors([2, 2]), [0.5, 0.5], svd_clamp=0.9)
+@pytest.mark.parametrize(
+    "name,bad,valid",
+    [
+        ("tsv", {"density": 0.5}, "\\(none\\)"),
+        ("knots", {"topK": 20}, "density, majority_sign_method"),
+        ("svd", {"svd_clamp": 0.9}, "\\(none\\)"),
+        ("iso_c", {"common_space_fraction": 0.5}, "\\(none\\)"),
+        ("iso_cts", {"density": 0.5}, "common_space_fraction"),
+        ("core_ties", {"topK": 20}, "density, majority_sign_method"),
+    ],
+)
+def test_unknown_options_list_valid_ones(name, bad, valid):
+    msg = f"Unknown option\\(s\\) \\['{next(iter(bad))}'\\] for merge method '{name}'. Valid options: {valid}"
+    with pytest.raises(UnknownMergeOptionError, match=msg):
+        get_merge_method(name)(_factors([2, 2]), [0.5, 0.5], **bad)
+
+
+def test_rank_must_be_positive():
     with pytest.raises(MergeInputError, match="`svd_rank` must be a positive integer"):
         tsv(_factors([2, 2]), [0.5, 0.5], rank=0)
 

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from _models import delta_matrix, make_peft_model
+from _models import delta_matrix, dense_core_space, dense_ties, make_peft_model
 from _models import lora_layers as _layers
 from _models import random_factors as _factors
 from _models import rel_err as _rel
 
-from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method, merge_adapters
+from peft_cp_merge import LoraFactors, MergeInputError, get_merge_method, merge_adapters
 from peft_cp_merge.integrations.peft import get_lora_factors
 from peft_cp_merge.methods.iso import iso_cts_budget
 
@@ -58,45 +58,10 @@ def _dense_iso_cts(Ys, k_c, n):
     return torch.cat(ss).mean() * _polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 1)).T
 
 
-def _dense_core(fs):
-    """Core space from dense SVDs: U_B of [B_1 .. B_T], V_A of [s_1 A_1; ..], svd_flip signs, M_t = U_B^T X_t V_A."""
-    U_B = torch.linalg.svd(torch.cat([f.B for f in fs], 1), full_matrices=False)[0]
-    V_A = torch.linalg.svd(torch.cat([f.scaling * f.A for f in fs], 0), full_matrices=False)[2].T
-
-    def flip(M):
-        return M * torch.sign(M[M.abs().argmax(0), torch.arange(M.shape[1])])
-
-    U_B, V_A = flip(U_B), flip(V_A)
-    return U_B, V_A, [U_B.T @ f.delta() @ V_A for f in fs]
-
-
-def _dense_ties(tasks, w, density, sign):
-    """TIES (Yadav et al.) as PEFT's ``ties``: top-k per task, sign election on the pruned tensors, weights,
-    disjoint mean over the sign-agreeing entries."""
-    pruned = []
-    for M in tasks:
-        if density < 1:
-            n_keep = int(density * M.numel())
-            thresh = M.abs().flatten().sort(descending=True).values[n_keep - 1]
-            M = torch.where(M.abs() >= thresh, M, torch.zeros_like(M))
-        pruned.append(M)
-    stack = torch.stack(pruned)
-    votes = stack.sum(0) if sign == "total" else torch.sign(stack).sum(0)
-    elected = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
-    agree = torch.sign(stack) == elected
-    wt = torch.as_tensor(w, dtype=stack.dtype).reshape(-1, 1, 1)
-    return (stack * wt * agree).sum(0) / agree.sum(0).clamp_min(1)
-
-
-def _dense_truncated(X, rank):
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
-
-
 def _dense_core_tsv(fs, w):
     """TSV applied to the dense cores (official core-space TSV: int(min(core shape) / T) triplets per task, the
     non-zero ones, polar factors of the concatenated core singular vectors, w_t S_t blocks), lifted."""
-    U_B, V_A, cores = _dense_core(fs)
+    U_B, V_A, cores = dense_core_space(fs)
     k = min(cores[0].shape) // len(fs)
     us, ss, vs = [], [], []
     for M, wt in zip(cores, w):
@@ -228,18 +193,7 @@ def test_iso_cts_special_cases():
 # ---------------------------------------------------------------- core space
 
 
-@pytest.mark.parametrize(
-    "density,sign,rank",
-    [(1.0, "total", 9), (0.3, "total", 9), (0.5, "frequency", 9), (0.7, "total", 3), (1.0, "frequency", 2)],
-)
-def test_core_ties_equals_dense_reference(density, sign, rank):
-    fs, w = _factors([2, 3, 4]), [0.7, -0.3, 1.2]
-    got = core_ties(fs, w, rank=rank, density=density, majority_sign_method=sign)
-    assert got.scaling == 1.0 and got.rank == min(rank, 9)
-    U_B, V_A, cores = _dense_core(fs)
-    assert cores[0].shape == (9, 9)
-    ref = _dense_truncated(U_B @ _dense_ties(cores, w, density, sign) @ V_A.T, rank)
-    assert _rel(got.B @ got.A, ref) < 1e-8
+# the dense reference of core_ties: test_baselines.test_ties_merges_equal_dense_reference
 
 
 def test_core_ties_basics():
@@ -256,9 +210,9 @@ def test_core_ties_basics():
     # wide module (S > out): U_B is out x out, cores 5 x 9
     wide = _factors([6, 7], out=5, inn=9)
     got = core_ties(wide, [0.4, 0.9], rank=8, density=0.5)
-    U_B, V_A, cores = _dense_core(wide)
+    U_B, V_A, cores = dense_core_space(wide)
     assert cores[0].shape == (5, 9) and got.rank == 5
-    assert _rel(got.B @ got.A, U_B @ _dense_ties(cores, [0.4, 0.9], 0.5, "total") @ V_A.T) < 1e-8
+    assert _rel(got.B @ got.A, U_B @ dense_ties(cores, [0.4, 0.9], 0.5, "total") @ V_A.T) < 1e-8
     zero = core_ties([LoraFactors(f.A * 0, f.B, 1.0) for f in fs], w, rank=3)
     assert zero.rank == 1 and float((zero.B @ zero.A).abs().max()) == 0.0
 
@@ -272,7 +226,7 @@ def test_core_space_tsv_is_tsv_at_sum_of_ranks(ranks, out, inn):
     assert _rel(got.B @ got.A, core) < 1e-10
     assert _rel(core, sum(_weighted(fs, w))) > 1e-2  # not trivially the sum
     # and core-space Iso-C (isotropize the summed core) is iso_c at svd_rank = sum r_t
-    U_B, V_A, cores = _dense_core(fs)
+    U_B, V_A, cores = dense_core_space(fs)
     Uc, Sc, Vch = torch.linalg.svd(sum(wt * M for wt, M in zip(w, cores)), full_matrices=False)
     iso = iso_c(fs, w, rank=S)
     assert _rel(iso.B @ iso.A, Sc.mean() * U_B @ Uc @ Vch @ V_A.T) < 1e-10
@@ -320,13 +274,7 @@ def test_bad_options(name, kwargs, match):
         get_merge_method(name)(_factors([2, 2]), [0.5, 0.5], **kwargs)
 
 
-def test_unknown_options_and_registry_entries():
-    with pytest.raises(UnknownMergeOptionError, match="Valid options: \\(none\\)"):
-        iso_c(_factors([2, 2]), [0.5, 0.5], common_space_fraction=0.5)
-    with pytest.raises(UnknownMergeOptionError, match="Valid options: common_space_fraction"):
-        iso_cts(_factors([2, 2]), [0.5, 0.5], density=0.5)
-    with pytest.raises(UnknownMergeOptionError, match="Valid options: density, majority_sign_method"):
-        core_ties(_factors([2, 2]), [0.5, 0.5], topK=20)
+def test_registry_entries():  # unknown options: test_baselines.test_unknown_options_list_valid_ones
     for m in (iso_c, iso_cts, core_ties):
         assert m.rank_option == "svd_rank" and m.peft_combination_type and "2025" in m.reference
     assert dict(iso_cts.options) == {"common_space_fraction": 0.8}
@@ -352,9 +300,15 @@ W = [0.5, -0.3, 0.9]
         ("iso_c", {}),
         ("iso_cts", {"svd_rank": 5, "common_space_fraction": 0.5}),
         ("core_ties", {"svd_rank": 3, "density": 0.5}),
+        ("tsv", {"svd_rank": 4}),
+        ("tsv", {}),
+        ("knots", {"svd_rank": 3, "density": 0.5}),
+        ("knots", {}),
     ],
 )
 def test_peft_route(method, kwargs):
+    """Every SVD-family method routed through add_weighted_adapter equals the registry on PEFT's own factors (ranks,
+    rank/alpha patterns, rsLoRA, Embedding, Conv and Conv1D layers)."""
     model = make_peft_model(ADAPTERS)
     names = list(ADAPTERS)
     model.add_weighted_adapter(names, W, "m", combination_type=method, **kwargs)

@@ -60,18 +60,9 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import balanced, stacked, zero_update
-from .knots import TIES_OPTIONS, ties_merge
+from ._linalg import stacked, svd_flip
+from .knots import TIES_OPTIONS, ties_lift
 from .registry import LoraFactors, merge_method
-
-
-def _svd_flip(U: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Flip each column of ``U`` (and the same columns of ``others``) so its largest-magnitude entry is positive."""
-    if U.shape[1] == 0:
-        return (U, *others)
-    flip = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))[0]
-    flip = torch.where(flip == 0, torch.ones_like(flip), flip)
-    return (U * flip, *(o * flip for o in others))
 
 
 def core_space(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -81,8 +72,8 @@ def core_space(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, 
     Q_A, R_A = torch.linalg.qr(As.T)  # (in, k2), (k2, S)
     u_B = torch.linalg.svd(R_B, full_matrices=False)[0]  # (k1, k1)
     u_A = torch.linalg.svd(R_A, full_matrices=False)[0]  # (k2, k2)
-    U_B, u_B = _svd_flip(Q_B @ u_B, u_B)
-    V_A, u_A = _svd_flip(Q_A @ u_A, u_A)
+    U_B, u_B = svd_flip(Q_B @ u_B, u_B)
+    V_A, u_A = svd_flip(Q_A @ u_A, u_A)
     P_B, P_A = u_B.T @ R_B, u_A.T @ R_A  # U_B^T [B_t], V_A^T [s_t A_t]^T
     cores, start = [], 0
     for f in factors:
@@ -100,19 +91,8 @@ def core_space(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, 
     ),
     **TIES_OPTIONS,
 )
-def core_ties_merge(
-    factors: list[LoraFactors],
-    weights: torch.Tensor,
-    *,
-    rank: int,
-    density: float = 1.0,
-    majority_sign_method: str = "total",
-) -> LoraFactors:
+def core_ties_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, density: float = 1.0,
+                    majority_sign_method: str = "total") -> LoraFactors:
     """TIES in core space of one module's adapters; output rank ``<= min(rank, out, in, sum_t r_t)``."""
-    U_B, V_A, cores = core_space(factors)
-    merged = ties_merge(cores, weights, float(density), majority_sign_method)  # (k1, k2)
-    P, s, Qh = torch.linalg.svd(merged, full_matrices=False)
-    if s.numel() == 0 or not s[0] > 0:  # every update is zero
-        return zero_update(factors)
-    k = min(rank, s.numel())
-    return balanced(U_B @ P[:, :k], s[:k], V_A @ Qh[:k].T)
+    U_B, V_A, cores = core_space(factors)  # cores: k1 x k2
+    return ties_lift(factors, U_B, cores, V_A, weights, rank, density, majority_sign_method)

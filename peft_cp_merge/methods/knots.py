@@ -54,7 +54,7 @@ import torch
 from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, magnitude_based_pruning
 
 from ..errors import MergeInputError
-from ._linalg import balanced, zero_update
+from ._linalg import balanced, svd_flip, zero_update
 from .registry import LoraFactors, merge_method
 
 SIGN_METHODS = ("total", "frequency")
@@ -87,10 +87,7 @@ def knots_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor,
     W, S, _ = torch.linalg.svd(torch.cat(blocks, dim=1).double(), full_matrices=False)
     keep = S > SV_THRESHOLD
     W, S = W[:, keep].to(Bs.dtype), S[keep].to(Bs.dtype)
-    U = Q @ W
-    if U.shape[1]:  # sign convention of sklearn's svd_flip: each column's largest-magnitude entry is positive
-        flip = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))[0]
-        U, W = U * flip, W * flip
+    U, W = svd_flip(Q @ W, W)
     coords, start = [], 0
     for f in factors:
         coords.append((W.T @ R[:, start : start + f.rank]) @ (f.scaling * f.A))
@@ -107,6 +104,22 @@ def ties_merge(tasks: list[torch.Tensor], weights: torch.Tensor, density: float,
     return disjoint_merge(stack * weights.reshape(-1, 1, 1), mask)
 
 
+def ties_lift(factors: list[LoraFactors], left: torch.Tensor, coords: list[torch.Tensor], right: torch.Tensor | None,
+              weights: torch.Tensor, rank: int, density: float, majority_sign_method: str) -> LoraFactors:
+    """TIES in a basis, shared by ``knots`` and ``core_ties``: merge the tasks' coordinates ``coords`` (T matrices
+    k1 x k2) with :func:`ties_merge` to ``M``, lift ``dW = left M right^T`` (``right=None``: the coordinates are
+    already rows of the input space) and truncate to ``rank`` through the SVD of the small ``M`` (``left`` and
+    ``right`` have orthonormal columns, so this is the SVD of dW). All-zero merges give a rank-1 zero update."""
+    if left.shape[1] == 0:  # every singular value below the threshold: nothing to merge
+        return zero_update(factors)
+    merged = ties_merge(coords, weights, float(density), majority_sign_method)
+    P, s, Qh = torch.linalg.svd(merged, full_matrices=False)
+    if s.numel() == 0 or not s[0] > 0:  # every update is zero
+        return zero_update(factors)
+    k = min(rank, s.numel())
+    return balanced(left @ P[:, :k], s[:k], Qh[:k].T if right is None else right @ Qh[:k].T)
+
+
 TIES_OPTIONS: dict = {
     "rank_option": "svd_rank",
     "options": {"density": 1.0, "majority_sign_method": "total"},
@@ -116,28 +129,13 @@ TIES_OPTIONS: dict = {
 """The registration options shared by the TIES-style merges (``knots``, ``core_ties``)."""
 
 
-@merge_method(
-    "knots",
-    pretty_name="KnOTS (TIES in the joint SVD basis)",
-    reference=(
-        "Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025; "
-        "code github.com/gstoica27/KnOTS (task_merger.py SVDMerger, masking_ops.py)"
-    ),
-    **TIES_OPTIONS,
-)
-def knots_merge(
-    factors: list[LoraFactors],
-    weights: torch.Tensor,
-    *,
-    rank: int,
-    density: float = 1.0,
-    majority_sign_method: str = "total",
-) -> LoraFactors:
+REFERENCE = ("Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025; code github.com/gstoica27/KnOTS "
+             "(task_merger.py SVDMerger, masking_ops.py)")
+
+
+@merge_method("knots", pretty_name="KnOTS (TIES in the joint SVD basis)", reference=REFERENCE, **TIES_OPTIONS)
+def knots_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, density: float = 1.0,
+                majority_sign_method: str = "total") -> LoraFactors:
     """KnOTS-TIES of one module's adapters; output rank ``<= min(rank, sum_t r_t)`` (see the module docstring)."""
-    U, _, coords = knots_basis(factors)
-    if U.shape[1] == 0:  # every singular value below the threshold: nothing to merge
-        return zero_update(factors)
-    merged = ties_merge(coords, weights, float(density), majority_sign_method)  # (K, in)
-    P, s, Qh = torch.linalg.svd(merged, full_matrices=False)
-    k = min(rank, s.numel())
-    return balanced(U @ P[:, :k], s[:k], Qh[:k].T)
+    U, _, coords = knots_basis(factors)  # coords: K x in
+    return ties_lift(factors, U, coords, None, weights, rank, density, majority_sign_method)
