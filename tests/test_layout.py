@@ -5,6 +5,8 @@ others."""
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_cp_merge"
 
 # role -> layer; a module may import its own role or a lower layer, never a higher one or a sibling role
@@ -99,3 +101,28 @@ def test_the_layout_checker_sees_imports():
     assert "methods" in _imports("integrations.peft", names["integrations.peft"])
     assert "files.merge" in _imports("library.library", names["library.library"])  # a function-level import
     assert "errors" in _imports("__init__", names["__init__"])
+
+
+def test_deprecated_homes_still_work(monkeypatch):
+    """The documented names of the old layout still resolve, with a DeprecationWarning naming the new home."""
+    import importlib
+    import sys
+
+    import peft_cp_merge
+    from peft_cp_merge.integrations import peft as integration
+
+    for old in ("peft_cp_merge.engine", "peft_cp_merge.peft_glue"):
+        monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match="import merge_adapters and MergedAdapter from peft_cp_merge"):
+        engine = importlib.import_module("peft_cp_merge.engine")
+    assert (engine.merge_adapters, engine.MergedAdapter) == (peft_cp_merge.merge_adapters, peft_cp_merge.MergedAdapter)
+    with pytest.warns(DeprecationWarning, match="import register, unregister and add_weighted_adapter_registry"):
+        glue = importlib.import_module("peft_cp_merge.peft_glue")
+    assert glue.register is peft_cp_merge.register
+    assert glue.add_weighted_adapter_registry is integration.add_weighted_adapter_registry
+    from peft_cp_merge.library import cli as old_cli
+
+    with pytest.warns(DeprecationWarning, match="python -m peft_cp_merge.cli library"):
+        with pytest.raises(SystemExit) as e:
+            old_cli.main(["info", "--help"])
+    assert e.value.code == 0
