@@ -2,7 +2,9 @@
 monkeypatching, for the kill-and-resume and failing-rank tests; the package itself has no fault hook.
 
 ``PEFT_CP_MERGE_TEST_FAIL=cluster=C,step=S[,rank=R][,mode=exit|raise]`` makes rank R (default: every rank) exit hard
-(``os._exit(17)``, like a kill) or raise right after optimizer step S of cluster C.
+(``os._exit(17)``, like a kill) or raise right after optimizer step S of cluster C. Steps are counted at
+``torch.optim.AdamW.step``, which the trainer's AcceleratedOptimizer calls once per real optimizer step (not while
+accumulating gradients, nor when the fp16 scaler skips a step); tests/test_library_fit.py checks that count.
 """
 
 import os

@@ -1,40 +1,27 @@
-"""A small single-process LoRA training loop (demo, tests, benchmarks). The library trainer adds Accelerate."""
+"""A small LoRA training loop (demo, tests, benchmarks): the demo's own tokenization on the library trainer's one
+optimisation loop, :func:`peft_cp_merge.library.train.fit_adapter`."""
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from .evaluate import encode
 from .tasks import Example
 
 logger = logging.getLogger(__name__)
 
+IGNORE_INDEX = -100
 
-def collate(tokenizer, examples: Sequence[Example], max_length: int = 128) -> dict[str, torch.Tensor]:
-    """Right-padded batch with the loss on the completion (and end token) only; prompts are cut from the left
-    when an example exceeds ``max_length``."""
-    rows = []
-    for e in examples:
-        p, c = encode(tokenizer, e.prompt, e.completion)
-        p = p[max(0, len(p) + len(c) - max_length) :]
-        rows.append((p + c, [-100] * len(p) + c))
-    length = max(len(ids) for ids, _ in rows)
-    batch = {
-        "input_ids": torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
-        "labels": torch.full((len(rows), length), -100, dtype=torch.long),
-    }
-    for i, (ids, labels) in enumerate(rows):
-        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
-        batch["attention_mask"][i, : len(ids)] = 1
-        batch["labels"][i, : len(ids)] = torch.tensor(labels)
-    return batch
+
+def encode_example(tokenizer, example: Example, max_length: int = 128) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` with the loss on the completion (and end token) only; the prompt is cut from the left
+    when the example exceeds ``max_length`` (the completion is kept whole)."""
+    p, c = encode(tokenizer, example.prompt, example.completion)
+    p = p[max(0, len(p) + len(c) - max_length) :]
+    return p + c, [IGNORE_INDEX] * len(p) + c
 
 
 def train_lora(
@@ -51,32 +38,24 @@ def train_lora(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train ``adapter_name`` of a ``PeftModel`` on ``examples`` (AdamW, linear schedule); returns the losses."""
+    """Train ``adapter_name`` of a ``PeftModel`` on ``examples``; returns the loss of every step.
+
+    One micro-batch of ``batch_size`` examples per step, in the order of ``random.Random(seed)`` permutations of the
+    examples (one after another), ``torch.manual_seed(seed)`` first (LoRA dropout); AdamW (no weight decay), linear
+    schedule with ``warmup_steps``, gradients clipped to norm 1.0; the loss of a step is the mean token loss of its
+    batch (the Hugging Face causal-LM loss). The batches go to the device of the model's parameters.
+    """
+    from accelerate import Accelerator
+
+    from ..library.train import fit_adapter
+
     model.set_adapter(adapter_name)  # also makes only this adapter trainable
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, warmup_steps, steps)
-    rng = random.Random(seed)
+    # no arguments: reuses the process's AcceleratorState (e.g. mixed precision) instead of conflicting with it
+    accelerator = Accelerator()
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    model.train()
-    losses: list[float] = []
-    order: list[int] = []
-    bar = tqdm(range(steps), desc=f"train {adapter_name}", disable=not progress, leave=False)
-    for step in bar:
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = {k: v.to(device) for k, v in collate(tokenizer, [examples[i] for i in idx], max_length).items()}
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % 20 == 0 or step == steps - 1:
-            logger.info("adapter %s step %d/%d loss %.4f", adapter_name, step + 1, steps, losses[-1])
-    model.eval()
-    return losses
+    rows = [encode_example(tokenizer, e, max_length) for e in examples]
+    stats = fit_adapter(model, rows, accelerator=accelerator, pad_token_id=tokenizer.pad_token_id, steps=steps,
+                        batch_size=batch_size, lr=lr, order_seed=seed, weight_decay=0.0, lr_scheduler="linear",
+                        warmup_steps=warmup_steps, max_grad_norm=1.0, desc=f"adapter {adapter_name}", log_every=20,
+                        progress=progress, log=logger)
+    return stats["losses"]

@@ -49,11 +49,9 @@ _LAZY = {
     "load_embedder": "embed",
     "resolve_embedding_model": "embed",
     "AdapterLibrary": "library",
+    "fit_adapter": "train",
     "train_library": "train",
 }
-
-
-
 
 __all__ = [
     "AdapterLibrary",
@@ -72,6 +70,7 @@ __all__ = [
     "Routing",
     "cluster_embeddings",
     "embed_texts",
+    "fit_adapter",
     "load_embedder",
     "normalize",
     "plot_clusters",

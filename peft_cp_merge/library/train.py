@@ -13,6 +13,11 @@ Parallel modes (``parallel_mode``):
 * ``clusters``: ranks split the clusters (largest first, each to the least loaded rank) and train them
   independently, without gradient sync; a cluster's result is the same as in a single-process run.
 
+One optimisation loop, :func:`fit_adapter` (shared with the demo's ``train_lora``), trains each adapter with
+Accelerate: ``prepare`` (the DDP wrapper in data mode, the AcceleratedOptimizer that applies the fp16 gradient scaler
+and steps only once per accumulated batch), ``accumulate``, ``backward``, ``clip_grad_norm_`` and ``autocast``. The
+split of each global batch over the ranks stays manual, for the exact global-token loss normalisation.
+
 Every cluster starts from ``torch.manual_seed(seed + cluster)`` (adapter init and data order), so the order and
 the rank a cluster is trained on do not change it. Each finished cluster is written at once (temporary folder +
 rename) with its sha256; a rerun with the same config and data resumes, skipping verified clusters. Only the main
@@ -36,6 +41,7 @@ import random
 import shutil
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ from .._io import atomic_folder, atomic_save_tensors, atomic_write_json, atomic_
 from .cluster import Clustering, cluster_embeddings, plot_clusters
 from .config import NOT_FINGERPRINTED, LibraryTrainConfig
 from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
-from .errors import LibraryDataError, LibraryExistsError, LibraryFormatError, RankFailedError
+from .errors import LibraryConfigError, LibraryDataError, LibraryExistsError, LibraryFormatError, RankFailedError
 from .library import (
     CARD_FILE,
     CENTROIDS_FILE,
@@ -77,6 +83,7 @@ def _make_accelerator(config: LibraryTrainConfig):
 
     return Accelerator(
         mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=_dt.timedelta(seconds=config.dist_timeout_s))],
     )
 
@@ -187,6 +194,12 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
         raise LibraryDataError(
             f"batch_size={config.batch_size} is the global batch in data mode and must be divisible by the "
             f"{world} processes. Use a multiple of {world}."
+        )
+    if accelerator.gradient_accumulation_steps not in (1, config.gradient_accumulation_steps):
+        raise LibraryConfigError(
+            f"The accelerator accumulates gradients over {accelerator.gradient_accumulation_steps} micro-batches but "
+            f"the config says gradient_accumulation_steps={config.gradient_accumulation_steps}. Set it in the config "
+            "only (not in `accelerate launch --gradient_accumulation_steps` or the Accelerator you pass)."
         )
     # 1. check everything that can be wrong before writing anything: the output folder (fresh, resume or refuse),
     #    the data, the base model
@@ -392,87 +405,163 @@ def _add_cluster_adapter(peft_model, base, c: int, config: LibraryTrainConfig):
 
 
 def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainConfig, accelerator):
-    from torch.nn.parallel import DistributedDataParallel
+    """Train the active adapter ``cluster_<c>`` on ``records`` with :func:`fit_adapter` (data order from
+    ``seed * 1_000_003 + c``); returns its stats."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    data_parallel = config.parallel_mode == "data"
+    rows = [tokenize(tokenizer, r, config.max_length) for r in records]
+    for p in peft_model.parameters():  # LoRA weights train in float32 whatever the base dtype
+        if p.requires_grad:
+            p.data = p.data.float()
+    per_step = config.batch_size * config.gradient_accumulation_steps
+    stats = fit_adapter(
+        peft_model, rows, accelerator=accelerator, pad_token_id=tokenizer.pad_token_id,
+        steps=config.max_steps or max(1, math.ceil(config.num_epochs * len(rows) / per_step)),
+        batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr=config.learning_rate, weight_decay=config.weight_decay, lr_scheduler=config.lr_scheduler,
+        warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm, order_seed=config.seed * 1_000_003 + c,
+        data_parallel=data_parallel, desc=f"{_dist_note(accelerator)} cluster {c}", log_every=config.log_every,
+        progress=accelerator.is_main_process or not data_parallel, position=0 if data_parallel else rank)
+    stats["trained_by_ranks"] = list(range(world)) if data_parallel and world > 1 else [rank]
+    return stats
+
+
+def fit_adapter(
+    model,
+    rows: Sequence[tuple[list[int], list[int]]],
+    *,
+    accelerator,
+    pad_token_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    order_seed: int,
+    gradient_accumulation_steps: int = 1,
+    weight_decay: float = 0.0,
+    lr_scheduler: str = "linear",
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = 1.0,
+    data_parallel: bool = False,
+    desc: str = "train",
+    log_every: int = 10,
+    progress: bool = True,
+    position: int = 0,
+    log: logging.Logger | None = None,
+) -> dict[str, Any]:
+    """Train the trainable parameters of ``model`` (a ``PeftModel`` with its active adapter) on ``rows``, the one
+    optimisation loop of the library trainer and of the demo's ``train_lora``.
+
+    Args:
+        rows: pre-tokenized ``(input_ids, labels)`` pairs (labels ``-100`` where no loss is taken), batched with
+            :func:`peft_cp_merge.library.data.collate` and sent to the device of ``model``'s parameters.
+        accelerator: the ``accelerate.Accelerator`` doing mixed precision, gradient scaling and accumulation and,
+            with ``data_parallel``, DDP. Its accumulation steps are set to ``gradient_accumulation_steps`` for the
+            run (restored after), and it ends with ``accelerator.free_memory()``, which drops every object it had
+            prepared: pass an accelerator that holds nothing else of yours.
+        steps: optimizer steps; each takes the next ``batch_size * gradient_accumulation_steps`` indices of the
+            order stream (one ``random.Random(order_seed).sample`` permutation of the rows after another), as
+            ``gradient_accumulation_steps`` micro-batches of ``batch_size`` rows.
+        data_parallel: with several processes, every rank trains this adapter (DDP, through
+            ``accelerator.prepare``): each global micro-batch is split into ``num_processes`` equal contiguous
+            shards and rank r takes shard r; ``batch_size`` must be divisible by ``num_processes``. Otherwise
+            each process trains on its own, without communication.
+        desc, log_every, progress, position, log: the progress bar and ``log`` (default: this module's logger)
+            lines ``"{desc} step i/steps loss ... lr ..."`` every ``log_every`` steps and at the last one.
+
+    The loss of optimizer step s is the mean token loss of its whole global batch B_s (all micro-batches, all
+    ranks), ``L_s = sum_{tokens of B_s} CE / T_s`` with ``T_s`` its number of answer tokens, as in a
+    single-process run: rank r backpropagates ``shards * sum_{its tokens} CE / T_s`` per micro-batch (DDP
+    averages the gradients over the ``shards`` ranks; ``shards = 1`` without DDP), times
+    ``gradient_accumulation_steps`` because ``accelerator.backward`` divides by it. So the gradient, and the
+    adapter, do not depend on the number of processes (up to float summation order). Gradients are clipped to
+    ``max_grad_norm`` (global L2 norm) before each step; the ``lr_scheduler`` (a transformers scheduler name, with
+    ``warmup_steps``) steps once per optimizer step. AdamW's ``step`` runs once per optimizer step, never while
+    accumulating, and not when the fp16 gradient scaler skips a step (nor does the scheduler then).
+
+    Returns ``{"steps", "loss_first", "loss_last", "losses": [L_s], "examples_seen" (by this rank), "seconds"}``.
+    """
     from transformers import get_scheduler
 
+    log = log or logger
+    k = gradient_accumulation_steps
     rank, world = accelerator.process_index, accelerator.num_processes
-    ddp = config.parallel_mode == "data" and world > 1
+    ddp = data_parallel and world > 1
     shards = world if ddp else 1
-    rows = [tokenize(tokenizer, r, config.max_length) for r in records]
-    ntok = [num_loss_tokens(lab) for _, lab in rows]
-    per_step = config.batch_size * config.gradient_accumulation_steps
-    steps = config.max_steps or max(1, math.ceil(config.num_epochs * len(rows) / per_step))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    device = accelerator.device
-    for p in params:  # LoRA weights train in float32 whatever the base dtype
-        p.data = p.data.float()
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    sched = get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.warmup_steps, num_training_steps=steps)
-    fwd = peft_model
-    if ddp:
-        kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        fwd = DistributedDataParallel(peft_model, init_sync=False, **kw)
-    scaler = accelerator.scaler
-    rng = random.Random(config.seed * 1_000_003 + c)
-    order: list[int] = []
-    losses: list[float] = []
-    seen = 0
-    peft_model.train()
-    show = accelerator.is_main_process or config.parallel_mode == "clusters"
-    bar = tqdm(range(steps), desc=f"cluster {c} ({len(rows)} ex.)", disable=not show, leave=False,
-               position=rank if config.parallel_mode == "clusters" else 0)
-    t0 = time.perf_counter()
-    for step in bar:
-        while len(order) < per_step:
-            order += rng.sample(range(len(rows)), len(rows))
-        idx, order = order[:per_step], order[per_step:]
-        total = max(1, sum(ntok[i] for i in idx))  # answer tokens in the global batch of this optimizer step
-        step_loss = torch.zeros((), device=device)
-        for m in range(config.gradient_accumulation_steps):
-            micro = idx[m * config.batch_size:(m + 1) * config.batch_size]
-            per = len(micro) // shards
-            local = micro[rank * per:(rank + 1) * per] if ddp else micro
-            seen += len(local)
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in local],
-                                                         tokenizer.pad_token_id).items()}
-            last = m == config.gradient_accumulation_steps - 1
-            sync = contextlib.nullcontext() if (last or not ddp) else fwd.no_sync()
-            with sync, accelerator.autocast():
-                logits = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                    reduction="sum")
-                # DDP averages gradients over ranks: scale by `shards` so the result is sum / global tokens
-                loss = loss_sum * (shards / total)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            step_loss += loss_sum.detach()
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    if not rows:
+        raise ValueError("fit_adapter: no rows to train on")
+    if batch_size % shards:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the {shards} processes in data-parallel mode")
+    ntok = [num_loss_tokens(labels) for _, labels in rows]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = get_scheduler(lr_scheduler, opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    # the accumulation steps live in Accelerate's process-wide GradientState: set them for this run only
+    previous_k, accelerator.gradient_accumulation_steps = accelerator.gradient_accumulation_steps, k
+    accelerator.step = 0  # micro-step counter of accelerator.accumulate: sync on every k-th micro-batch
+    fwd = model
+    try:
         if ddp:
-            step_loss = accelerator.reduce(step_loss, reduction="sum")
-        losses.append(float(step_loss) / total)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % config.log_every == 0 or step == steps - 1:
-            logger.info("%s cluster %d step %d/%d loss %.4f lr %.2e", _dist_note(accelerator), c, step + 1, steps,
-                        losses[-1], sched.get_last_lr()[0])
-    bar.close()
-    peft_model.eval()
-    del fwd, opt
+            # the frozen base weights and buffers are the same on every rank (one checkpoint): DDP need not
+            # broadcast them when it wraps the model, nor the buffers at every forward; it syncs the adapter only
+            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
+            model._ddp_params_and_buffers_to_ignore += [n for n, _ in model.named_buffers()]
+            fwd, opt = accelerator.prepare(model, opt)
+        else:  # no DDP wrapper: in clusters mode the ranks train different adapters
+            opt = accelerator.prepare(opt)
+        device = next(iter(params)).device
+        rng = random.Random(order_seed)
+        order: list[int] = []
+        losses: list[float] = []
+        seen = 0
+        model.train()
+        bar = tqdm(range(steps), desc=f"{desc} ({len(rows)} ex.)", disable=not progress, leave=False,
+                   position=position)
+        t0 = time.perf_counter()
+        for step in bar:
+            while len(order) < batch_size * k:
+                order += rng.sample(range(len(rows)), len(rows))
+            idx, order = order[: batch_size * k], order[batch_size * k :]
+            total = max(1, sum(ntok[i] for i in idx))  # answer tokens in the global batch of this optimizer step
+            step_loss = torch.zeros((), device=device)
+            for m in range(k):
+                micro = idx[m * batch_size : (m + 1) * batch_size]
+                per = len(micro) // shards
+                local = micro[rank * per : (rank + 1) * per] if ddp else micro
+                seen += len(local)
+                batch = {key: v.to(device) for key, v in collate([rows[i] for i in local], pad_token_id).items()}
+                # accumulate: DDP all-reduces (no_sync otherwise) and the AcceleratedOptimizer steps and zeroes the
+                # gradients only on the k-th micro-batch, where accelerator.sync_gradients is true
+                with accelerator.accumulate(fwd):
+                    with accelerator.autocast():
+                        logits = fwd(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss_sum = torch.nn.functional.cross_entropy(
+                            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                            ignore_index=-100, reduction="sum")
+                    accelerator.backward(loss_sum * (shards * accelerator.gradient_accumulation_steps / total))
+                    if accelerator.sync_gradients and max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales fp16 gradients first
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                step_loss += loss_sum.detach()
+            if not opt.step_was_skipped:  # the fp16 scaler skips steps with inf/nan gradients
+                sched.step()
+            if ddp:
+                step_loss = accelerator.reduce(step_loss, reduction="sum")
+            losses.append(float(step_loss) / total)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % log_every == 0 or step == steps - 1:
+                log.info("%s step %d/%d loss %.4f lr %.2e", desc, step + 1, steps, losses[-1], sched.get_last_lr()[0])
+        bar.close()
+        seconds = round(time.perf_counter() - t0, 2)
+    finally:
+        model.eval()
+        accelerator.gradient_accumulation_steps = previous_k
+        if ddp:  # drop the wrapper; undo the mixed-precision forward Accelerate may have put on the model
+            accelerator.unwrap_model(fwd, keep_fp32_wrapper=False)
+            vars(model).pop("_ddp_params_and_buffers_to_ignore", None)
+        accelerator.free_memory()  # release the prepared model and optimizer (one adapter after another)
     return {"steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-            "examples_seen": seen, "trained_by_ranks": list(range(world)) if ddp else [rank],
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "examples_seen": seen, "seconds": seconds}
 
 
 def _save_cluster(peft_model, name: str, out: Path, stats: dict[str, Any], base_id: str) -> str:
