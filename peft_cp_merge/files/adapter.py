@@ -5,7 +5,6 @@ to the Hub in one commit."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from .._io import atomic_folder
 from ..errors import MergeInputError
 from .recipe import RECIPE_START
 from .sources import CONFIG_FILE, WEIGHTS_FILE
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -27,15 +27,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import now, package_versions
-from ..config import (
-    check_option_types,
-    merged_config,
-    numerical_failure,
-)
+from ..config import check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
 from .adapter import MergedAdapter
-from .sources import DTYPES, FACTOR_DTYPES, _check_shapes, _signature, index_modules, open_weights, resolve_source
+from .sources import (
+    DTYPES,
+    FACTOR_DTYPES,
+    batch_key,
+    check_shapes,
+    index_modules,
+    open_weights,
+    resolve_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ def merge_adapters(
     with contextlib.ExitStack() as stack:
         index = index_modules(srcs, open_all(stack))
     for name, entries in index.items():
-        _check_shapes(name, entries, srcs)
+        check_shapes(name, entries, srcs)
     # the registry's rank rule over every module, from the headers alone (the configs agree with them, see
     # index_modules): a rank no layer can use is refused before any tensor is read or allocated
     modules = [([e.a_shape[0] for e in es], es[0].b_shape[0], math.prod(es[0].a_shape[1:])) for es in index.values()]
@@ -135,7 +139,7 @@ def merge_adapters(
 
     batches: dict[tuple, list[str]] = {}
     for name, entries in index.items():
-        batches.setdefault(_signature(entries), []).append(name)
+        batches.setdefault(batch_key(entries), []).append(name)
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(index), desc=f"merge ({method})", unit="module", disable=not progress)
     for names in batches.values():

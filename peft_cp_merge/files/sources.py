@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -18,13 +17,8 @@ import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
-from ..config import (
-    check_lora_config,
-    check_raw_lora_config,
-)
+from ..config import check_lora_config, check_raw_lora_config
 from ..errors import MergeInputError, UnsupportedAdapterError
-
-logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -281,11 +275,13 @@ def index_modules(sources: Sequence[AdapterSource], handles) -> dict[str, list[_
     return index
 
 
-def _signature(entries: list[_Entry]) -> tuple:
+def batch_key(entries: list[_Entry]) -> tuple:
+    """Modules with the same key (sources and shapes) are merged in one batch."""
     return tuple((e.source, e.a_shape, e.b_shape) for e in entries)
 
 
-def _check_shapes(name: str, entries: list[_Entry], sources: Sequence[AdapterSource]) -> None:
+def check_shapes(name: str, entries: list[_Entry], sources: Sequence[AdapterSource]) -> None:
+    """Every source's update of module ``name`` has the same (out, in); raise naming the adapters otherwise."""
     first = entries[0]
     out_in = (first.b_shape[0], math.prod(first.a_shape[1:]))
     for e in entries[1:]:

@@ -19,12 +19,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import _freeze_adapter
 
-from ..config import (
-    check_lora_config,
-    check_option_types,
-    merged_config,
-    numerical_failure,
-)
+from ..config import check_lora_config, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError, UnknownMergeOptionError
 from ..methods import LoraFactors, check_weights, get_merge_method
 
