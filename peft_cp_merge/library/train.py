@@ -36,7 +36,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -48,29 +47,33 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_folder, atomic_save_tensors, atomic_write_json, atomic_write_text, now, package_versions
+from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text
 from .cluster import Clustering, cluster_embeddings, plot_clusters
-from .config import NOT_FINGERPRINTED, LibraryTrainConfig
+from .config import LibraryTrainConfig
 from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
-from .errors import LibraryConfigError, LibraryDataError, LibraryExistsError, LibraryFormatError, RankFailedError
+from .errors import LibraryConfigError, LibraryDataError, LibraryExistsError, RankFailedError
 from .library import (
     CARD_FILE,
     CENTROIDS_FILE,
-    FORMAT,
-    FORMAT_VERSION,
     LIBRARY_FILE,
     PLOT_FILE,
     STATE_FILE,
     AdapterLibrary,
-    _read_meta,
     adapter_checksum,
     cluster_dirname,
     render_card,
 )
+from .store import (
+    RUN_DIR,
+    base_model_id,
+    check_output,
+    cluster_finished,
+    initial_meta,
+    public_stats,
+    save_cluster,
+)
 
 logger = logging.getLogger(__name__)
-
-_RUN_DIR = ".run"
 
 
 def _dist_note(accelerator) -> str:
@@ -88,44 +91,8 @@ def _make_accelerator(config: LibraryTrainConfig):
     )
 
 
-def _base_model_id(config: LibraryTrainConfig) -> str:
-    from ..models import _HUB_ID, DEFAULT_MODEL
-
-    return _HUB_ID if config.base_model in (None, DEFAULT_MODEL) else str(config.base_model)
-
-
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(old) | set(new) if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k))
-
-
-def _check_output(out: Path, config: LibraryTrainConfig) -> dict[str, Any] | None:
-    """The existing library.json to resume from, ``None`` for a fresh run; raise when the folder holds anything
-    else (never mix two runs in one library). ``out`` is not a file (checked by the caller)."""
-    if not out.exists() or not any(p for p in out.iterdir() if p.name != _RUN_DIR):
-        return None
-    meta_file = out / LIBRARY_FILE
-    if not meta_file.is_file():
-        raise LibraryExistsError(
-            f"{out} exists and is not an adapter library (no {LIBRARY_FILE}). Choose an empty or new output_dir, "
-            "or set overwrite: true to delete it."
-        )
-    try:
-        meta = _read_meta(out)
-    except LibraryFormatError as e:
-        raise LibraryExistsError(f"{e} Set overwrite: true to delete it and start over, or choose another "
-                                 "output_dir.") from None
-    if meta.get("config_fingerprint") != config.fingerprint():
-        diff = _config_diff(meta.get("training", {}), config.to_dict())
-        raise LibraryExistsError(
-            f"{out} holds a library trained with a different config (fields that differ: {diff or 'format'}). "
-            "Refusing to mix two runs: rerun with the same config to resume, choose another output_dir, or set "
-            "overwrite: true to start over."
-        )
-    return meta
-
-
 def _check_peer_failures(out: Path, accelerator) -> None:
-    run = out / _RUN_DIR
+    run = out / RUN_DIR
     if not run.is_dir():
         return
     for f in sorted(run.glob("failed-rank*.txt")):
@@ -145,23 +112,6 @@ def _assign_clusters(pending: list[int], sizes: list[int], world: int) -> list[l
     return [sorted(p) for p in plan]
 
 
-def _cluster_finished(out: Path, c: int, meta: dict[str, Any] | None) -> bool:
-    """A cluster folder exists, has its files and matches its recorded sha256 (library.json or its own state)."""
-    folder = out / cluster_dirname(c)
-    state_file = folder / STATE_FILE
-    if not state_file.is_file():
-        return False
-    try:
-        state = json.loads(state_file.read_text())
-        actual = adapter_checksum(folder)
-    except (OSError, json.JSONDecodeError):
-        return False
-    recorded = {state.get("sha256")}
-    if meta is not None and meta["clusters"][c].get("sha256"):
-        recorded.add(meta["clusters"][c]["sha256"])
-    return recorded == {actual}
-
-
 def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None) -> AdapterLibrary:
     """Build (or resume) the adapter library described by ``config``; returns it on every rank.
 
@@ -178,8 +128,8 @@ def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None)
     except BaseException as e:
         if accelerator.num_processes > 1 and not isinstance(e, RankFailedError):
             with contextlib.suppress(OSError):
-                (out / _RUN_DIR).mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out / _RUN_DIR / f"failed-rank{accelerator.process_index}.txt",
+                (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / RUN_DIR / f"failed-rank{accelerator.process_index}.txt",
                                   "".join(traceback.format_exception(e)))
         logger.error("%s failed: %s: %s", _dist_note(accelerator), type(e).__name__, e)
         raise
@@ -208,7 +158,7 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
     if config.overwrite and out.is_dir() and any(out.iterdir()) and not (out / LIBRARY_FILE).is_file():
         raise LibraryExistsError(f"output_dir {str(out)!r} holds files but no adapter library; overwrite only ever "
                                  "deletes a library. Choose an empty or new output_dir.")
-    meta = None if config.overwrite else _check_output(out, config)
+    meta = None if config.overwrite else check_output(out, config)
     with accelerator.main_process_first():
         rows = read_rows(dataset if dataset is not None else config.dataset, split=config.dataset_split,
                          config_name=config.dataset_config)
@@ -234,7 +184,7 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
         if config.overwrite and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
+        shutil.rmtree(out / RUN_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
     logger.info("%s: %d examples", _dist_note(accelerator), len(records))
 
@@ -264,7 +214,7 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
             broadcast_object_list(result)
         clustering = result[0]
         if main:
-            meta = _initial_meta(config, clustering, records, data_fp, dim)
+            meta = initial_meta(config, clustering, records, data_fp, dim)
             atomic_save_tensors(out / CENTROIDS_FILE, {"centroids": clustering.centroids,
                                                        "assignments": clustering.assignments})
             plot_clusters(emb, clustering.assignments, out / PLOT_FILE)
@@ -280,7 +230,7 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
     if main:
         pending = []
         for c in range(len(sizes)):
-            if _cluster_finished(out, c, meta):
+            if cluster_finished(out, c, meta):
                 continue
             if (out / cluster_dirname(c)).exists():
                 logger.warning("%s fails its checksum or is incomplete; retraining it", out / cluster_dirname(c))
@@ -314,14 +264,14 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
                                                                                            stats["examples_seen"])]
             stats["examples_per_rank"] = {str(r): n for r, n in per_rank}
             if main:
-                sha = _save_cluster(peft_model, name, out, stats, _base_model_id(config))
-                meta["clusters"][c].update(status="done", sha256=sha, **_public(stats))
+                sha = save_cluster(peft_model, name, out, stats, base_model_id(config))
+                meta["clusters"][c].update(status="done", sha256=sha, **public_stats(stats))
                 atomic_write_json(out / LIBRARY_FILE, meta)
                 atomic_write_text(out / CARD_FILE, render_card(meta))
             accelerator.wait_for_everyone()
         else:
             stats["examples_per_rank"] = {str(rank): stats["examples_seen"]}
-            _save_cluster(peft_model, name, out, stats, _base_model_id(config))
+            save_cluster(peft_model, name, out, stats, base_model_id(config))
         logger.info("%s: cluster %d done (%d steps, loss %.4f -> %.4f)", _dist_note(accelerator), c,
                     stats["steps"], stats["loss_first"], stats["loss_last"])
 
@@ -334,49 +284,16 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
             sha = adapter_checksum(folder)
             if sha != state["sha256"]:
                 raise RuntimeError(f"{folder} changed while training (sha256 mismatch); rerun to retrain it.")
-            meta["clusters"][c].update(status="done", sha256=sha, **_public(state))
+            meta["clusters"][c].update(status="done", sha256=sha, **public_stats(state))
         meta["status"] = "complete"
         meta["num_processes"] = world
         meta["train_seconds_last_run"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(out / LIBRARY_FILE, meta)
         atomic_write_text(out / CARD_FILE, render_card(meta))
-        shutil.rmtree(out / _RUN_DIR, ignore_errors=True)
+        shutil.rmtree(out / RUN_DIR, ignore_errors=True)
         logger.info("library complete: %s (%d clusters, %.0fs)", out, len(sizes), time.perf_counter() - t_start)
     accelerator.wait_for_everyone()
     return AdapterLibrary.from_pretrained(out)
-
-
-def _public(stats: dict[str, Any]) -> dict[str, Any]:
-    keys = ("steps", "loss_first", "loss_last", "trained_by_ranks", "examples_per_rank", "seconds")
-    return {k: stats[k] for k in keys if k in stats}
-
-
-def _initial_meta(config, clustering: Clustering, records, data_fp: str, dim: int) -> dict[str, Any]:
-    clusters = []
-    for c, size in enumerate(clustering.sizes()):
-        idx = torch.nonzero(clustering.assignments == c).flatten().tolist()
-        previews = [records[i].embed_text[:160] for i in idx[:3]]
-        clusters.append({"id": c, "name": cluster_dirname(c), "size": size, "previews": previews,
-                         "status": "pending"})
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "status": "training",
-        "created": now(),
-        "base_model": _base_model_id(config),
-        "embedding_model": config.embedding_model,
-        "embedding_dim": dim,
-        "num_examples": len(records),
-        "data_fingerprint": data_fp,
-        "config_fingerprint": config.fingerprint(),
-        "clustering": {"method": "kmeans", "num_clusters": clustering.num_clusters,
-                       "silhouette": {str(k): v for k, v in clustering.silhouette.items()},
-                       "folded": clustering.folded},
-        "plot": PLOT_FILE,
-        "clusters": clusters,
-        "training": config.to_dict(),
-        "versions": package_versions(),
-    }
 
 
 def _lora_config(config: LibraryTrainConfig):
@@ -564,24 +481,3 @@ def fit_adapter(
             "examples_seen": seen, "seconds": seconds}
 
 
-def _save_cluster(peft_model, name: str, out: Path, stats: dict[str, Any], base_id: str) -> str:
-    """Write ``cluster_<i>/`` with :func:`peft_cp_merge._io.atomic_folder` (replacing a stale one); returns its
-    sha256."""
-    peft_model.peft_config[name].base_model_name_or_path = base_id
-    sha = ""
-
-    def write(tmp: Path) -> None:
-        nonlocal sha
-        peft_model.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
-        sub = tmp / name  # PEFT saves a non-default adapter in a subfolder of that name
-        if sub.is_dir():
-            for f in sub.iterdir():
-                os.replace(f, tmp / f.name)
-            sub.rmdir()
-        sha = adapter_checksum(tmp)
-        state = {"sha256": sha, **{k: v for k, v in stats.items() if k != "losses"}, "losses": stats["losses"],
-                 "finished": now()}
-        atomic_write_json(tmp / STATE_FILE, state)
-
-    atomic_folder(out / name, write, overwrite=True)
-    return sha
