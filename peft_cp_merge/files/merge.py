@@ -102,7 +102,7 @@ def merge_adapters(
     m.resolve_rank(rank, option="rank")  # the type, before any source is resolved
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MergeInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    weights = [1.0 / len(sources)] * len(sources) if weights is None else _weights(weights, len(sources))
+    weights = [1.0 / len(sources)] * len(sources) if weights is None else check_weights(weights, len(sources))
     out_dtype = _dtype(dtype)
     device = _device(device)
 
@@ -191,16 +191,6 @@ def merge_adapters(
     logger.info("Merged %d adapters (%d modules) with %s at rank %d in %.2f s (%.1f MB)", len(srcs), len(index),
                 method, rank, stats["seconds"], merged.nbytes / 1e6)
     return merged
-
-
-def _weights(weights: Any, n: int) -> list[float]:
-    """:func:`check_weights`, with non-numbers (``["a"]``, ``{...}``) a :class:`MergeInputError` too."""
-    try:
-        return check_weights(weights, n)
-    except MergeInputError:
-        raise
-    except (TypeError, ValueError, RuntimeError):
-        raise MergeInputError(f"weights must be a list of {n} numbers, one per adapter, got {weights!r}.") from None
 
 
 def _check_finite(name: str, A: torch.Tensor, B: torch.Tensor, computed: LoraFactors) -> None:

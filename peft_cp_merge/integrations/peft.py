@@ -130,13 +130,7 @@ def add_weighted_adapter_registry(
             f"An adapter named {adapter_name!r} already exists. Choose a new `adapter_name`, or remove the old one "
             f"with `model.delete_adapter({adapter_name!r})`."
         )
-    try:
-        weights = check_weights(weights, len(adapters))
-    except MergeInputError:
-        raise
-    except (TypeError, ValueError, RuntimeError):
-        raise MergeInputError(f"`weights` must be a list of {len(adapters)} numbers, one per adapter, got "
-                              f"{weights!r}.") from None
+    weights = check_weights(weights, len(adapters), name="`weights`")
     configs = [model.peft_config[name] for name in adapters]
     for name, config in zip(adapters, configs):
         check_lora_config(config, name)

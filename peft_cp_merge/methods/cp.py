@@ -356,7 +356,7 @@ def cp_merge(
     """Merge a batch of modules' adapters (same shapes and ranks; ``weights`` (N, T)) by rank-``rank`` CP.
 
     ``rank`` above ``sum_t r_t`` is capped there (the tasks' own SVDs already give an exact CP of that rank, and
-    ALS with surplus components has singular normal equations); results are zero-padded back to ``rank``.
+    ALS with surplus components has singular normal equations); the registry's ``merge_batch`` pads back to ``rank``.
     ``cp_density`` is used by ``cp_variant="ties"``, ``cp_split_threshold`` by ``"split"`` (module docstring).
     """
     rank = min(rank, sum(f.rank for f in groups[0]))

@@ -188,11 +188,9 @@ class MergeMethod:
         else:
             for n, (g, w) in enumerate(prepared):
                 out[n] = self.fn(g, w, rank=rank, **resolved)
-        return [
-            _pad_rank(LoraFactors(f.A.to(g[0].A.dtype).contiguous(), f.B.to(g[0].A.dtype).contiguous(), 1.0),
-                      rank if pad else 0)
-            for f, g in zip(out, groups)
-        ]
+        results = [LoraFactors(f.A.to(g[0].A.dtype).contiguous(), f.B.to(g[0].A.dtype).contiguous(), 1.0)
+                   for f, g in zip(out, groups)]
+        return [_pad_rank(f, rank) for f in results] if pad else results
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -277,9 +275,13 @@ def _pad_rank(f: LoraFactors, rank: int) -> LoraFactors:
     return LoraFactors(A, B, f.scaling)
 
 
-def check_weights(weights: Sequence[float] | torch.Tensor, n: int) -> list[float]:
-    """Weights as floats; raises for a wrong length or a non-finite value."""
-    values = [float(w) for w in torch.as_tensor(weights, dtype=torch.float64).reshape(-1).tolist()]
+def check_weights(weights: Sequence[float] | torch.Tensor, n: int, *, name: str = "weights") -> list[float]:
+    """Weights as floats; raises :class:`MergeInputError` for non-numbers, a wrong length or a non-finite value
+    (``name`` is how the message calls the argument)."""
+    try:
+        values = [float(w) for w in torch.as_tensor(weights, dtype=torch.float64).reshape(-1).tolist()]
+    except (TypeError, ValueError, RuntimeError):  # ["a"], {...}, ragged lists
+        raise MergeInputError(f"{name} must be a list of {n} numbers, one per adapter, got {weights!r}.") from None
     if len(values) != n:
         raise MergeInputError(
             f"Got {len(values)} weights for {n} adapters: pass exactly one weight per adapter, in the same order."

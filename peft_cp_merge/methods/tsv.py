@@ -23,7 +23,7 @@ with every deviation named:
   of the others, so only the numerically non-zero ones (``S > max(out, in) * eps * S_max``) are kept.
 - If ``T > min(R, out, in)`` (one triplet per task is already over budget), the ``min(R, out, in)`` triplets with
   the largest ``|w_t| S_ti`` are kept. The output rank is ``M = sum_t n_t <= min(R, out, in)`` (zero-padded to R by
-  the front ends).
+  the registry's ``merge_batch``).
 - Weights. Official: tasks are merged unweighted and the merged update is scaled by one global coefficient alpha
   chosen on validation data. Here ``w_t`` multiplies task t's block of S^ (the orthogonalisation does not depend on
   the weights), so uniform ``w_t = alpha`` reproduces the official result; negative weights subtract.
