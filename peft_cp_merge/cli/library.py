@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import sys
 import typing
 from pathlib import Path
 
@@ -100,13 +98,7 @@ def config_from_args(args) -> LibraryTrainConfig:
     return LibraryTrainConfig.from_yaml(args.config, overrides)
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
 def cmd_train(args) -> int:
-    _setup_logging()
     config = config_from_args(args)
     if args.print_config:
         print(config.to_yaml())

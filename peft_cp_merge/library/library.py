@@ -16,6 +16,7 @@ Each ``cluster_<i>/`` is complete once it exists (written to a temporary folder 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -315,6 +316,7 @@ class AdapterLibrary:
         return route_embeddings(embed_texts(texts, embedder), self.centroids, top_k=top_k, temperature=temperature)
 
 
+@functools.cache
 def _library_schema():
     """pydantic models of the ``library.json`` fields this code reads (other fields are kept as they are)."""
     from pydantic import BaseModel, ConfigDict, Field
