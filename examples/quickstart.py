@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import time
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     model.save_pretrained(out, selected_adapters=["merged_cp"])
     cols = [*args.tasks, "mean"]
     print(f"\nExact match on {args.n_test} test prompts per task (weights {weights}, rank {args.rank}):\n")
+    print(f"(this machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads on {args.device}; the adapters, so the scores, differ a little between "
+          "machines and thread counts)\n")
     print("| adapter | " + " | ".join(cols) + " | mean minus cp's [95% CI] | merge time (s) |")
     print("|---" * (len(cols) + 3) + "|")
     for row, scores in rows.items():
