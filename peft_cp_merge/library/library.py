@@ -315,6 +315,28 @@ class AdapterLibrary:
             embedder = self._embedder
         return route_embeddings(embed_texts(texts, embedder), self.centroids, top_k=top_k, temperature=temperature)
 
+    def arrow_model(self, base_model, top_k: int = 3, router_temperature: float = 1.0,
+                    general_adapters: Sequence[str | Path] | None = None, *, clusters: Sequence[int] | None = None,
+                    rng_seed: int | None = None, **load_kwargs):
+        """PEFT's Arrow model (``peft.create_arrow_model``, peft >= 0.18) over the cluster adapters: per token and
+        layer, the ``top_k`` clusters whose prototype (top right singular vector of ``B A``) is most aligned with
+        the hidden state, softmax-mixed at ``router_temperature``. Unlike :meth:`route` it needs no embedding model
+        and routes inside the network, so it also works for libraries built with :meth:`from_adapters`.
+
+        Cluster ``clusters[j]`` (default: every loaded cluster) is PEFT's expert ``task_j``
+        (``model.arrow_clusters``). ``general_adapters`` (folders or Hub ids of general-purpose LoRAs with the same
+        rank and target modules) turn on GenKnowSub: their mean is subtracted from every expert **in place on the
+        first forward**. The experts are copies in memory (the library's files are never written) and the
+        returned ``PeftModel`` refuses ``save_pretrained``/``push_to_hub``. ``rng_seed`` seeds the power iteration
+        of the prototypes; ``load_kwargs`` go to PEFT's adapter loading. ``base_model`` is wrapped in place, as
+        ``PeftModel.from_pretrained`` does. Raises :class:`LibraryError` naming the cluster when the adapters
+        differ in rank or target modules, and naming the installed version when peft is older than 0.18.
+        """
+        from .arrow import arrow_model
+
+        return arrow_model(self, base_model, top_k=top_k, router_temperature=router_temperature,
+                           general_adapters=general_adapters, clusters=clusters, rng_seed=rng_seed, **load_kwargs)
+
 
 @functools.cache
 def _library_schema():

@@ -169,6 +169,14 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
     with accelerator.main_process_first():
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.model_dtype]
         model, tokenizer = load_model_and_tokenizer(config.base_model, dtype=dtype)
+    from .arrow import arrow_blockers
+
+    blockers = arrow_blockers(model, config.target_modules)
+    if blockers and main:  # one r and one target_modules for every cluster: only the layer types can break Arrow
+        logger.warning("target_modules %s include layers PEFT's Arrow cannot route (Linear-like layers only): %s; "
+                       "this library will merge and load, but AdapterLibrary.arrow_model will refuse it. Drop them "
+                       "from target_modules for an Arrow-ready library.", list(config.target_modules),
+                       ", ".join(blockers[:4]) + (" ..." if len(blockers) > 4 else ""))
     records = normalize(rows, tokenizer=tokenizer, prompt_field=config.prompt_field,
                         completion_field=config.completion_field, text_field=config.text_field,
                         messages_field=config.messages_field, embed_on=config.embed_on)
