@@ -97,7 +97,7 @@ def ablation_table(data: dict) -> list[str]:
 
 def _tc_summary(data: dict, seeds: list[str]) -> dict[str, Any]:
     """Summaries restricted to the TC-LoRA seeds (so per-task merges and TC rows compare on the same seeds)."""
-    from benchmarks.quality.run import _summary
+    from benchmarks.quality.stats import summarize as _summary
 
     own = {int(s): v for s, v in data["results"]["own adapter"].items() if s in seeds}
     out = {}
