@@ -1,4 +1,4 @@
-"""``peft-cp-merge library {train,info,merge,push}``.
+"""``peft-cp-merge library {train,info,merge,push,build}``.
 
 The top-level parser (:mod:`peft_cp_merge.cli`) calls :func:`add_subcommands`; every sub-command sets ``func``
 (``args.func(args) -> int``). Under ``accelerate launch`` run the package's CLI as a module::
@@ -23,7 +23,8 @@ from . import key_value, yaml_value
 
 DESCRIPTION = """\
 Train and use TC-LoRA adapter libraries: cluster a dataset's examples in embedding space, train one LoRA adapter per
-cluster, then inspect the library, merge its adapters into one, or upload it to the Hub.
+cluster, then inspect the library, merge its adapters into one, or upload it to the Hub. Or build a library from
+LoRA adapters you already have (clustered by their parameters, each cluster merged into one adapter).
 
 examples:
   peft-cp-merge library train --dataset data.jsonl --output-dir my-library --num-clusters 4
@@ -32,6 +33,7 @@ examples:
   peft-cp-merge library info my-library
   peft-cp-merge library merge my-library --method cp --weights size --out merged-adapter
   peft-cp-merge library push my-library user/my-library --private
+  peft-cp-merge library build ./loras/* user/some-lora --out my-library --method cp
 
 Each command has its own --help (train lists every config field with its default).
 """
@@ -121,6 +123,14 @@ def cmd_info(args) -> int:
         print(json.dumps(lib.meta, indent=2))
         return 0
     m = lib.meta
+    if lib.kind == "built":
+        merge = m.get("merge", {})
+        print(f"{lib.path}\n  base model:      {m.get('base_model')}\n  kind:            built from "
+              f"{m.get('num_adapters')} existing adapters (no embedding model: route with arrow_model)"
+              f"\n  clusters:        {lib.num_clusters}\n  merge:           {merge.get('method')} at rank "
+              f"{sorted({c.get('rank') for c in m['clusters']}, key=str)}\n")
+        print(lib.cluster_table())
+        return 0
     t = m.get("training", {})
     print(f"{lib.path}\n  base model:      {m.get('base_model')}\n  embedding model: {m.get('embedding_model')}"
           f"\n  status:          {m.get('status')}\n  examples:        {m.get('num_examples')}"
@@ -165,8 +175,49 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from ..library import AdapterLibrary
+
+    lib = AdapterLibrary.from_adapters(
+        args.sources, args.num_clusters, out=args.out, method=args.method, rank=args.rank, overwrite=args.overwrite,
+        base_model=args.base_model, min_clusters=args.min_clusters, max_clusters=args.max_clusters, seed=args.seed,
+        **dict(args.option))
+    print(f"Library written to {lib.path} ({len(args.sources)} adapters in {lib.num_clusters} clusters, merged "
+          f"with {args.method!r})\n\n{lib.cluster_table()}")
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser(
+        "build", help="a library from existing LoRA adapters: cluster them by their parameters, merge each cluster",
+        description="Build an adapter library from existing LoRA adapters for one base model: each adapter is "
+        "embedded by a sketch of its updates, k-means on cosine similarity clusters them (k by silhouette unless "
+        "--num-clusters), and each cluster's members are merged into one adapter, cluster_<i>. library.json "
+        "lists the members. The result merges (library merge) and routes per token (AdapterLibrary.arrow_model); "
+        "it has no text centroids for AdapterLibrary.route.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="adapter folders or Hub ids (user/repo, user/repo/subfolder, user/repo@revision)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder of the library")
+    p.add_argument("--num-clusters", type=int, default=None, metavar="K",
+                   help="number of clusters (default: chosen by silhouette in --min-clusters..--max-clusters)")
+    p.add_argument("--min-clusters", type=int, default=2, metavar="K", help="smallest k tried (default: 2)")
+    p.add_argument("--max-clusters", type=int, default=16, metavar="K", help="largest k tried (default: 16)")
+    p.add_argument("--method", default="cp", metavar="NAME",
+                   help="merge method of each cluster's members (default: cp); `peft-cp-merge methods` lists them")
+    p.add_argument("--rank", type=int, default=None, metavar="N",
+                   help="rank of every cluster adapter (default: the largest source rank)")
+    p.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
+                   help="merge-method option, e.g. --option cp_init=svd (repeatable; values parsed as YAML)")
+    p.add_argument("--base-model", default=None, metavar="MODEL",
+                   help="record this base model instead of requiring all sources to name the same one")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sketch and k-means (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_build)
+
+
 def add_library_commands(sub) -> None:
-    """Add train/info/merge/push to an argparse sub-parsers object."""
+    """Add train/info/merge/push/build to an argparse sub-parsers object."""
     _add_train(sub)
     p = sub.add_parser("info", help="print a library's summary and cluster table")
     p.add_argument("library", metavar="LIBRARY", help="library folder or Hub repo id")
@@ -198,13 +249,14 @@ def add_library_commands(sub) -> None:
                    help="branch to push to (default: the repo's main branch)")
     p.add_argument("--commit-message", default=None, metavar="TEXT", help="commit message of the upload")
     p.set_defaults(func=cmd_push)
+    _add_build(sub)
 
 
 def add_subcommands(subparsers) -> argparse.ArgumentParser:
     """Add ``library`` (with train/info/merge/push) to the top-level CLI's sub-parsers."""
-    p = subparsers.add_parser("library", help="TC-LoRA adapter libraries: train, info, merge, push",
+    p = subparsers.add_parser("library", help="TC-LoRA adapter libraries: train, info, merge, push, build",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="library_command", metavar="{train,info,merge,push}", required=True)
+    sub = p.add_subparsers(dest="library_command", metavar="{train,info,merge,push,build}", required=True)
     add_library_commands(sub)
     return p
 

@@ -203,3 +203,121 @@ def plot_clusters(embeddings: torch.Tensor, assignments: torch.Tensor, path: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --- clustering adapters by their parameters (AdapterLibrary.from_adapters) ---------------------------------------
+
+def _gaussian(rows: int, cols: int, key: str, seed: int) -> torch.Tensor:
+    """A ``rows x cols`` N(0, 1) matrix determined by ``key`` (a module and side) and ``seed``, the same for every
+    adapter, so their sketches are comparable."""
+    import zlib
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    return torch.randn(rows, cols, generator=g, dtype=torch.float64)
+
+
+def sketch_adapters(sources, *, sketch_dim: int = 16, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """One row per adapter: the concatenation over modules of ``Psi_m^T (s B A) Omega_m / sketch_dim``, a
+    ``sketch_dim x sketch_dim`` two-sided Gaussian sketch of each module's update, computed from the factors as
+    ``(Psi^T B)(A Omega)`` (never the dense ``out x in`` update).
+
+    ``sources`` are resolved :class:`peft_cp_merge.files.sources.AdapterSource` objects; their modules are read from
+    the safetensors headers and the factors one adapter at a time (memory: one adapter's factors plus its sketch).
+    A module an adapter does not have contributes zeros (its update is zero). The Gaussian test matrices are shared
+    by every adapter (seeded per module), so ``<sketch_1, sketch_2>`` is an unbiased estimate of ``sum_m <dW1_m,
+    dW2_m>_F``: cosines of sketches approximate cosines of the updates themselves (Johnson-Lindenstrauss).
+    """
+    import contextlib
+
+    from tqdm.auto import tqdm
+
+    from ..files.sources import index_modules, open_weights
+
+    shapes: dict[str, tuple[int, int]] = {}
+    per_source: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        for src in sources:  # headers only: the modules and shapes of every adapter, checked as for a merge
+            index = index_modules([src], [open_weights(src, stack)])
+            per_source.append({name: entries[0] for name, entries in index.items()})
+    for entries in per_source:
+        for name, e in entries.items():
+            out_in = (e.b_shape[0], int(np.prod(e.a_shape[1:])))
+            if shapes.setdefault(name, out_in) != out_in:
+                raise ClusteringError(
+                    f"Module {name!r} has shape {out_in} in one adapter and {shapes[name]} in another: the adapters "
+                    "are not for the same base model architecture."
+                )
+    names = sorted(shapes)
+    q = sketch_dim
+    rows = np.zeros((len(sources), len(names) * q * q), dtype=np.float32)
+    tests = {}
+    for i, (src, entries) in enumerate(tqdm(list(zip(sources, per_source)), desc="sketch adapters", unit="adapter",
+                                            disable=not progress)):
+        with contextlib.ExitStack() as stack:
+            fh = open_weights(src, stack)
+            for j, name in enumerate(names):
+                e = entries.get(name)
+                if e is None:
+                    continue
+                out, inp = shapes[name]
+                if name not in tests:
+                    tests[name] = (_gaussian(out, q, name + ":out", seed), _gaussian(inp, q, name + ":in", seed))
+                psi, omega = tests[name]
+                A = fh.get_tensor(e.a_key).flatten(1).double()
+                B = fh.get_tensor(e.b_key).flatten(1).double()
+                sk = (psi.T @ B) @ (A @ omega) * (e.scaling / q)
+                rows[i, j * q * q:(j + 1) * q * q] = sk.flatten().numpy()
+    if not np.isfinite(rows).all():
+        bad = sorted({sources[i].spec for i in np.nonzero(~np.isfinite(rows).all(1))[0]})
+        raise ClusteringError(f"Adapters {bad[:3]} have non-finite (inf/NaN) weights; they cannot be clustered.")
+    return rows
+
+
+def embed_sketches(rows: np.ndarray, *, components: int = 32, seed: int = 0) -> np.ndarray:
+    """Rows L2-normalised (each adapter counts by direction, not by the size of its update), reduced with
+    scikit-learn's ``TruncatedSVD`` (randomized, no centring: cosine geometry is kept) to at most ``components``
+    dimensions, and normalised again: the adapter embedding k-means runs on."""
+    from sklearn.decomposition import TruncatedSVD
+
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    zero = np.nonzero(norms[:, 0] == 0)[0]
+    if len(zero):
+        raise ClusteringError(f"Adapter(s) {zero.tolist()[:5]} (by position) have an all-zero update (e.g. "
+                              "untrained LoRA B = 0); they have no direction to cluster by. Leave them out.")
+    x = rows / norms
+    n, d = x.shape
+    c = min(components, n - 1, d - 1)
+    if c >= 1:
+        x = TruncatedSVD(n_components=c, algorithm="randomized", random_state=seed).fit_transform(x)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def cluster_adapters(sources, *, num_clusters: int | None = None, k_range: tuple[int, int] = (2, 16),
+                     sketch_dim: int = 16, components: int = 32, n_init: int = 10, seed: int = 0,
+                     progress: bool = True) -> tuple[Clustering, np.ndarray]:
+    """Model-based clustering of LoRA adapters (mttl's MBC, "Towards Modular LLMs by Building and Reusing a Library
+    of LoRAs"): embed each adapter by its parameters and run k-means on cosine similarity.
+
+    mttl flattens each adapter's LoRA factors and reduces them with a truncated SVD. Flattened factors depend on the
+    factorisation, not only on the update: ``B A = (B G)(G^-1 A)`` for any invertible ``G``, so two adapters with the
+    same update but different initialisations (different seeds, other trainers, Hub LoRAs) can look unrelated. Here
+    each adapter is instead a sketch of its updates (:func:`sketch_adapters`, from the factors, linear in the update
+    and invariant to the factorisation), then L2-normalised, reduced with ``TruncatedSVD`` and normalised again
+    (:func:`embed_sketches`); k-means on unit rows is spherical k-means, and with ``num_clusters=None`` k is the one
+    in ``k_range`` with the best cosine silhouette (:func:`cluster_embeddings`, which also renumbers clusters by
+    decreasing size). Returns the clustering (centroids in that embedding space) and the embedding.
+    """
+    n = len(sources)
+    if n == 0:
+        raise ClusteringError("No adapters to cluster.")
+    if num_clusters is not None and not 1 <= num_clusters <= n:
+        raise ClusteringError(f"num_clusters={num_clusters} for {n} adapters: give 1 <= num_clusters <= {n}, or None "
+                              "to choose it by silhouette.")
+    if num_clusters is None and n < 3:
+        raise ClusteringError(f"Choosing the number of clusters by silhouette needs at least 3 adapters; got {n}. "
+                              "Pass num_clusters.")
+    emb = embed_sketches(sketch_adapters(sources, sketch_dim=sketch_dim, seed=seed, progress=progress),
+                         components=components, seed=seed)
+    clustering = cluster_embeddings(torch.from_numpy(emb.astype(np.float32)), num_clusters=num_clusters,
+                                    k_range=k_range, n_init=n_init, seed=seed)
+    return clustering, emb

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "peft-cp-merge/adapter-library"
 FORMAT_VERSION = 1
+MAX_FORMAT_VERSION = 2
+"""Newest ``format_version`` this code reads: 1 (trained libraries, written by the trainer), 2 (built with
+:meth:`AdapterLibrary.from_adapters`: ``kind: built``, cluster ``members``, no embedding model or centroids)."""
 LIBRARY_FILE = "library.json"
 CENTROIDS_FILE = "centroids.safetensors"
 PLOT_FILE = "clusters.png"
@@ -72,7 +75,9 @@ def _cell(text: str, n: int = 60) -> str:
 def cluster_table(meta: dict[str, Any]) -> str:
     """Markdown table: cluster, size, share, status, first sample preview."""
     total = sum(c["size"] for c in meta["clusters"]) or 1
-    lines = ["| cluster | examples | share | status | sample |", "|---|---:|---:|---|---|"]
+    built = meta.get("kind") == "built"
+    lines = [f"| cluster | {'adapters' if built else 'examples'} | share | status | "
+             f"{'members' if built else 'sample'} |", "|---|---:|---:|---|---|"]
     for c in meta["clusters"]:
         preview = c.get("previews", [""])[0] if c.get("previews") else ""
         lines.append(f"| {c['name']} | {c['size']} | {c['size'] / total:.1%} | {c.get('status', '')} | "
@@ -92,6 +97,8 @@ def render_card(meta: dict[str, Any]) -> str:
             "parallel_mode", "seed")
     recipe = {k: training[k] for k in keep if k in training}
     plot = f"\n![clusters]({PLOT_FILE})\n" if meta.get("plot") else ""
+    if meta.get("kind") == "built":
+        return _built_card(meta)
     body = (
         f"\n# TC-LoRA adapter library: {len(meta['clusters'])} cluster adapters\n\n"
         f"One LoRA adapter per cluster of the training examples, clustered with `{meta.get('embedding_model')}` "
@@ -109,6 +116,32 @@ def render_card(meta: dict[str, Any]) -> str:
                       tags=["lora", "peft-cp-merge", "tc-lora", "adapter-library"])
 
 
+def _built_card(meta: dict[str, Any]) -> str:
+    """The model card of a library built from existing adapters (:meth:`AdapterLibrary.from_adapters`)."""
+    import yaml
+
+    from ..files.adapter import model_card
+
+    merge = meta.get("merge", {})
+    members = "\n".join(f"- `{c['name']}`: " + ", ".join(f"`{m['source']}`" for m in c["members"])
+                        for c in meta["clusters"])
+    body = (
+        f"\n# Adapter library: {len(meta['clusters'])} clusters of {meta.get('num_adapters')} LoRA adapters\n\n"
+        "Existing LoRA adapters clustered by their parameters (k-means on a sketch of their updates) and merged "
+        f"per cluster with `{merge.get('method')}`, on base model `{meta.get('base_model')}`. Built with "
+        "[peft-cp-merge](https://pypi.org/project/peft-cp-merge/) (`peft-cp-merge library build`).\n\n"
+        f"{cluster_table(meta)}\n\n## Members\n\n{members}\n\n"
+        "## Use\n\n```python\nfrom peft_cp_merge.library import AdapterLibrary\n\n"
+        "lib = AdapterLibrary.from_pretrained(\"<this repo or folder>\")\n"
+        "arrow = lib.arrow_model(base_model)            # route per token over the clusters (PEFT's Arrow)\n"
+        "merged = lib.merge(method=\"cp\")                # one adapter\n```\n\n"
+        "## Build\n\n```yaml\n" + yaml.safe_dump({"clustering": meta.get("clustering"), "merge": merge},
+                                                  sort_keys=False) + "```\n"
+    )
+    return model_card(body, base_model=meta.get("base_model"), relation="adapter",
+                      tags=["lora", "peft-cp-merge", "adapter-library"])
+
+
 # --- the library --------------------------------------------------------------------------------------------------
 
 class AdapterLibrary:
@@ -117,7 +150,7 @@ class AdapterLibrary:
     Create one with :func:`peft_cp_merge.library.train_library` or open one with :meth:`from_pretrained`.
     """
 
-    def __init__(self, path: str | Path, meta: dict[str, Any], centroids: torch.Tensor,
+    def __init__(self, path: str | Path, meta: dict[str, Any], centroids: torch.Tensor | None,
                  assignments: torch.Tensor | None = None, *, available: Sequence[int] | None = None):
         self.path = Path(path)
         self.meta = meta
@@ -136,8 +169,15 @@ class AdapterLibrary:
         return self.meta.get("base_model")
 
     @property
-    def embedding_model(self) -> str:
-        return self.meta["embedding_model"]
+    def embedding_model(self) -> str | None:
+        """The sentence-transformers model of :meth:`route` (``None`` for a built library)."""
+        return self.meta.get("embedding_model")
+
+    @property
+    def kind(self) -> str:
+        """``"trained"`` (clusters of training examples, :func:`train_library`) or ``"built"`` (clusters of
+        existing adapters, :meth:`from_adapters`)."""
+        return self.meta.get("kind", "trained")
 
     @property
     def sizes(self) -> list[int]:
@@ -189,15 +229,58 @@ class AdapterLibrary:
                 ) from e
         meta = _read_meta(path)
         k = len(meta["clusters"])
-        centroids, assignments = _read_centroids(path, k)
         wanted = list(range(k)) if clusters is None else list(clusters)
         bad = [i for i in wanted if not 0 <= i < k]
         if bad:
             raise LibraryError(f"Clusters {bad} do not exist; the library has clusters 0..{k - 1}.")
+        centroids, assignments = (None, None) if meta.get("kind") == "built" else \
+            _read_centroids(path, k)  # built from adapters: no text centroids
         lib = cls(path, meta, centroids, assignments, available=wanted)
         if verify:
             lib.verify()
         return lib
+
+    @classmethod
+    def from_adapters(cls, sources: Sequence[str | Path], num_clusters: int | None = None, *, out: str | Path,
+                      method: str = "cp", rank: int | None = None, overwrite: bool = False,
+                      **kwargs) -> AdapterLibrary:
+        """A library from LoRA adapters you already have: cluster them by their parameters and merge each cluster.
+
+        ``sources`` are adapter folders or Hub ids (``user/repo[/subfolder][@revision]``) of plain LoRAs for one
+        base model (a mix is refused unless ``base_model="<id>"`` says they are the same weights). Each adapter is
+        embedded by a sketch of its updates ``s B A`` (factorisation-invariant, never the dense matrix), reduced
+        with a truncated SVD; k-means on cosine similarity clusters them, with ``num_clusters`` clusters or, when
+        ``None``, the k in ``min_clusters..max_clusters`` (default 2..16) with the best silhouette
+        (:func:`peft_cp_merge.library.cluster.cluster_adapters` explains the choice). Cluster ``i`` is the merge of
+        its members with ``method`` (any registered method, ``**options`` its options; members weighted equally),
+        at ``rank`` (default: the largest source rank for every cluster that can reach it, so the library is
+        Arrow-ready). ``library.json`` lists each cluster's members.
+
+        Written to ``out`` atomically (temporary folder, then rename); an existing ``out`` is refused unless
+        ``overwrite``, and ``out`` may not overlap a source. Other keyword arguments: ``base_model``,
+        ``min_clusters``, ``max_clusters``, ``sketch_dim`` (16), ``components`` (32), ``n_init``, ``seed``,
+        ``token``, ``progress``. The result has no text centroids: :meth:`route` refuses it; :meth:`merge`,
+        :meth:`arrow_model`, :meth:`load_into` and ``push_to_hub`` work.
+        """
+        from .build import plan_build
+
+        plan = plan_build(sources, out, num_clusters=num_clusters, method=method, rank=rank, overwrite=overwrite,
+                          **kwargs)
+
+        def write(tmp: Path) -> None:
+            clusters = []
+            for i in range(plan.num_clusters):
+                clusters.append(plan.merge_cluster(i, tmp / cluster_dirname(i), cluster_dirname(i)))
+                clusters[-1]["sha256"] = adapter_checksum(tmp / cluster_dirname(i))
+            meta = plan.meta(FORMAT, clusters)
+            atomic_write_json(tmp / LIBRARY_FILE, meta)
+            atomic_write_text(tmp / CARD_FILE, render_card(meta))
+
+        try:
+            atomic_folder(plan.out, write, overwrite=overwrite)
+        except FileExistsError as e:
+            raise LibraryExistsError(str(e)) from None
+        return cls.from_pretrained(plan.out)
 
     def verify(self) -> None:
         """Raise :class:`LibraryFormatError` if a loaded cluster adapter is missing or fails its checksum."""
@@ -307,6 +390,12 @@ class AdapterLibrary:
         weights at ``temperature``."""
         from .embed import embed_texts, load_embedder
 
+        if self.centroids is None:
+            raise LibraryError(
+                f"{self.path} was built from existing adapters (AdapterLibrary.from_adapters), not trained on "
+                "examples, so it has no text centroids to route by. Route it per token with "
+                "lib.arrow_model(base_model), or merge it with lib.merge()."
+            )
         if isinstance(texts, str):
             texts = [texts]
         if embedder is None:
@@ -341,7 +430,14 @@ class AdapterLibrary:
 @functools.cache
 def _library_schema():
     """pydantic models of the ``library.json`` fields this code reads (other fields are kept as they are)."""
-    from pydantic import BaseModel, ConfigDict, Field
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class Member(BaseModel):  # a source adapter of a built library's cluster
+        model_config = ConfigDict(extra="allow", strict=True)
+        source: str
+        revision: str | None = None
 
     class Cluster(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
@@ -349,14 +445,24 @@ def _library_schema():
         status: str = "pending"
         sha256: str | None = None
         previews: list[str] = []
+        members: list[Member] | None = Field(default=None, max_length=MAX_CLUSTERS)
 
     class Meta(BaseModel):
         model_config = ConfigDict(extra="allow", strict=True)
         format: str
         format_version: int = Field(ge=1)
-        embedding_model: str
+        kind: Literal["trained", "built"] = "trained"
+        embedding_model: str | None = None
         base_model: str | None = None
         clusters: list[Cluster] = Field(min_length=1, max_length=MAX_CLUSTERS)
+
+        @model_validator(mode="after")
+        def _kind_fields(self):
+            if self.kind == "trained" and self.embedding_model is None:
+                raise ValueError("embedding_model: a trained library names its embedding model")
+            if self.kind == "built" and any(c.members is None for c in self.clusters):
+                raise ValueError("clusters: every cluster of a built library lists its members")
+            return self
 
     return Meta
 
@@ -380,9 +486,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise LibraryFormatError(f"{f} is not a {FORMAT} file (expected a JSON object with \"format\": "
                                  f"\"{FORMAT}\").")
     version = meta.get("format_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > MAX_FORMAT_VERSION:
         raise LibraryFormatError(f"{f} has format version {version}; this peft-cp-merge reads up to "
-                                 f"{FORMAT_VERSION}. Upgrade peft-cp-merge.")
+                                 f"{MAX_FORMAT_VERSION}. Upgrade peft-cp-merge.")
     try:
         checked = _library_schema().model_validate(meta)
     except ValidationError as e:
