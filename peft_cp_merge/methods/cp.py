@@ -51,6 +51,41 @@ Each variant's hypothesis was written down before it was measured (``benchmarks/
                           g_r = u_r^T (sum_t w_t X_t) v_r. Hypothesis: CP components are not orthogonal, so shared
                           directions are counted in several components (interference); whitening removes that.
 
+Variants for the rank-constrained, shared-structure regime (issue 21; hypotheses written before measuring):
+
+    orth_iso              ``orth`` with a flat spectrum: after the polar factors and the refit, every non-zero
+                          |g_r| (``> max(out, in) eps max |g|``) is replaced by their mean, signs kept. Hypothesis:
+                          isotropic merges win every table we have and ``orth`` is the one CP change that helped;
+                          together they are the CP analogue of Iso-C (CP chooses the R directions, which Iso-C takes
+                          from the SVD of the sum, the spectrum is flat), which should matter most at R = r, where a
+                          matrix merge must drop directions by the sum's energy alone.
+    keep                  fit more components than you keep: CP-ALS at rank K = ``cp_fit_rank`` (0: sum_t r_t; at
+                          least R, at most sum_t r_t), keep R of the K components by their task loadings
+                          (``cp_keep``), then ``orth_iso`` on the kept ones. ``cp_keep="energy"``: the R largest
+                          |lambda_r sum_t a_tr| (the weighted merge's magnitudes); ``"cover"``: round robin over the
+                          tasks (ordered by |w_t| |X_t|, largest first), each taking its strongest remaining
+                          component by |w_t lambda_r c_tr|, until R are kept. Hypothesis: a rank-R fit spends its
+                          components on the best least-squares compromise, and a component that serves one strong
+                          task can crowd out what a weak task needs; a larger fit separates shared and specific
+                          components first, and choosing by loading (energy, or each task's own strongest) keeps what
+                          the tasks need. At K = R it is ``orth_iso``.
+    cts                   a CP analogue of Iso-CTS: with the budget N = min(R, sum_t r_t, out, in) split by
+                          ``iso.iso_cts_budget(N, T, cp_common_fraction)`` into k_c common and n per task, the common
+                          directions are a rank-k_c joint CP fit (unit u_r, sign(g_r) v_r, magnitude |g_r| of the
+                          weighted formula), and each task adds the n leading singular triplets of its weighted update
+                          outside their span, ``(I - P_U) w_t X_t``; all collected U and V are orthogonalised (polar
+                          factors, as Iso-CTS and TSV) and the spectrum is the mean of the collected magnitudes.
+                          Hypothesis: Iso-CTS beats Iso-C by giving each task its own directions outside the shared
+                          ones; a joint CP fit separates what the tasks share better than the SVD of the sum (which
+                          is dominated by the strongest tasks), so its common components should be the better
+                          shared part. k_c = 0 leaves no CP at all (a flat TSV), N = T: only common components.
+
+``cp_beta`` (every variant; default 1.0, off): CtM's task-slice balancing (``tucker``) for CP. Decompose
+``c_t X_t`` with ``c_t = (beta |X_t| + (1 - beta) mean_s |X_s|) / |X_t|`` and merge with the weights ``w_t / c_t``,
+so the merge still reconstructs ``sum_t w_t X^_t`` (``cp_beta=0`` with ``weighted`` is ``balanced``). Hypothesis (as
+``balanced``, CtM's README beta = 0.25): a least-squares fit spends components on the strongest tasks; a partial
+balance lets weak tasks keep theirs without making noise-level tasks as loud as the strongest.
+
 All variants but the two ``authors`` ones are linear in a common scale of the weights. Deviation from the authors'
 code: they ran dense ``parafac`` with ``init="random"`` and rank 4 on ``A @ B``; we decompose the scaled updates
 ``X_t`` (so ``lora_alpha`` counts; ``authors`` drops the scaling to match them) and default to a deterministic SVD
@@ -72,11 +107,15 @@ from tensorly.random import random_cp
 
 from ..errors import MergeInputError
 from ._linalg import balanced
+from .iso import iso_cts_budget
 from .registry import LoraFactors, merge_method
+from .tsv import polar, task_svd
 
 CP_INITS = ("svd", "random", "tasks")
 CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread",
                "orth")
+CP_VARIANTS += ("orth_iso", "keep", "cts")  # issue 21's variants for the rank-constrained regime (docstring)
+CP_KEEPS = ("energy", "cover")
 
 
 def _validate(opts: Mapping[str, Any]) -> None:  # cp_init and cp_variant: checked by the registry (choices)
@@ -90,6 +129,14 @@ def _validate(opts: Mapping[str, Any]) -> None:  # cp_init and cp_variant: check
         x = opts[key]
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < x <= 1.0:
             raise MergeInputError(f"{key} must be a number in (0, 1], got {x!r}.")
+    for key in ("cp_beta", "cp_common_fraction"):
+        x = opts[key]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0:
+            raise MergeInputError(f"{key} must be a number in [0, 1], got {x!r}.")
+    k = opts["cp_fit_rank"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise MergeInputError(f"cp_fit_rank must be a non-negative integer (0: the sum of the adapters' ranks), "
+                              f"got {k!r}.")
 
 
 def _stack(groups: list[list[LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +382,12 @@ def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
         "cp_variant": "weighted",
         "cp_density": 1.0,
         "cp_split_threshold": 0.5,
+        "cp_beta": 1.0,
+        "cp_fit_rank": 0,
+        "cp_keep": "energy",
+        "cp_common_fraction": 0.8,
     },
-    choices={"cp_init": CP_INITS, "cp_variant": CP_VARIANTS},
+    choices={"cp_init": CP_INITS, "cp_variant": CP_VARIANTS, "cp_keep": CP_KEEPS},
     validate=_validate,
     batched=True,
 )
@@ -352,14 +403,25 @@ def cp_merge(
     cp_variant: str = "weighted",
     cp_density: float = 1.0,
     cp_split_threshold: float = 0.5,
+    cp_beta: float = 1.0,
+    cp_fit_rank: int = 0,
+    cp_keep: str = "energy",
+    cp_common_fraction: float = 0.8,
 ) -> list[LoraFactors]:
     """Merge a batch of modules' adapters (same shapes and ranks; ``weights`` (N, T)) by rank-``rank`` CP.
 
     ``rank`` above ``sum_t r_t`` is capped there (the tasks' own SVDs already give an exact CP of that rank, and
     ALS with surplus components has singular normal equations); the registry's ``merge_batch`` pads back to ``rank``.
-    ``cp_density`` is used by ``cp_variant="ties"``, ``cp_split_threshold`` by ``"split"`` (module docstring).
+    ``cp_density`` is used by ``cp_variant="ties"``, ``cp_split_threshold`` by ``"split"``, ``cp_fit_rank`` and
+    ``cp_keep`` by ``"keep"``, ``cp_common_fraction`` by ``"cts"``, ``cp_beta`` by all (module docstring).
     """
     rank = min(rank, sum(f.rank for f in groups[0]))
+    out_rank, cts_split = rank, None
+    if cp_variant == "keep":  # fit K >= R components, keep R of them (_keep_columns)
+        rank = min(max(cp_fit_rank or sum(f.rank for f in groups[0]), rank), sum(f.rank for f in groups[0]))
+    elif cp_variant == "cts":  # the CP fit gives the k_c common components (_cts)
+        cts_split = iso_cts_budget(min(rank, *groups[0][0].shape), len(groups[0]), cp_common_fraction)
+        rank = max(cts_split[0], 1)
     if cp_variant == "authors":  # the authors decomposed the unscaled products B_t A_t
         groups = [[LoraFactors(f.A, f.B, 1.0) for f in g] for g in groups]
     Bs, As = _stack(groups)
@@ -369,6 +431,7 @@ def cp_merge(
     W_B, W_A = _gram(Bs), _gram(As)
     dtype = Bs.dtype
     weights = weights.to(dtype)
+    user_weights = weights  # before balanced / cp_beta fold the task norms into them (cts's task-specific part)
     if cp_variant == "balanced":  # decompose X_t / |X_t|; the norms go back into the weights
         task_norm = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((2, 3)).sqrt()  # (N, T)
         inv = torch.where(task_norm > 0, 1.0 / task_norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
@@ -376,11 +439,25 @@ def cp_merge(
         As = As * d[:, :, None].to(dtype)
         W_A = W_A * d[:, :, None] * d[:, None, :]
         weights = weights * task_norm.to(dtype)
+    if cp_beta != 1.0:  # CtM's slice balancing: decompose c_t X_t, merge with w_t / c_t
+        task_norm = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((2, 3)).clamp_min(0).sqrt()  # (N, T)
+        target = cp_beta * task_norm + (1.0 - cp_beta) * task_norm.mean(dim=1, keepdim=True)
+        c = torch.where(task_norm > 0, target / task_norm.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        d = c.repeat_interleave(Bs.shape[1] // T, dim=1)  # (N, T r)
+        As = As * d[:, :, None].to(dtype)
+        W_A = W_A * d[:, :, None] * d[:, None, :]
+        weights = weights / c.to(dtype)
     U0, V0 = _init(Bs, As, W_B, W_A, [f.rank for f in groups[0]], rank, cp_init, cp_random_state,
                    flip=cp_variant == "authors_v1")
     C, U_c, V_c = cp_als(W_B, W_A, U0, V0, T, n_iter_max=cp_n_iter_max, tol=cp_tol)
     if cp_variant == "orth":
         return _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T)
+    if cp_variant == "keep":
+        U_c, V_c = _keep_columns(W_B, W_A, C, U_c, V_c, weights, T, out_rank, cp_keep)
+    if cp_variant in ("orth_iso", "keep"):
+        return _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T, flat=True)
+    if cp_variant == "cts":
+        return _cts(groups, weights, user_weights, Bs, As, C, U_c, V_c, *cts_split)
     C = C.to(dtype)
     U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
     tiny = torch.finfo(dtype).tiny
@@ -429,7 +506,7 @@ def _loading_coefficients(c: torch.Tensor, w: torch.Tensor, lam: torch.Tensor, v
     return total  # weighted, authors, balanced (its norms are already in w), isotropic (flattened by the caller)
 
 
-def _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T: int) -> list[LoraFactors]:
+def _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T: int, flat: bool = False) -> list[LoraFactors]:
     """``orth``: polar factors of the unit-column U and V (coordinates ``U_c`` w.r.t. the rows of Bs, ``V_c`` of As),
     then ``g_r = u_r^T (sum_t w_t X_t) v_r``. All on (T r) x R coordinates: the polar factor of ``M = Bs^T U_c`` is
     ``M (M^T M)^{-1/2}`` with ``M^T M = U_c^T W_B U_c`` (R x R), and ``u_r^T B_t`` / ``s_t A_t v_r`` are block t of
@@ -449,8 +526,89 @@ def _orth_refit(Bs, As, W_B, W_A, U_c, V_c, weights, T: int) -> list[LoraFactors
     r = S // T
     proj = ((W_B @ U_c) * (W_A @ V_c)).view(N, T, r, R).sum(2)  # (N, T, R): u_r^T X_t v_r
     g = (weights.to(proj.dtype)[:, :, None] * proj).sum(1)
+    if flat:  # orth_iso, keep: every non-zero |g_r| replaced by their mean (signs kept)
+        g = _flat(g, max(Bs.shape[2], As.shape[2]))
     if not torch.isfinite(g).all():
         raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
     dtype = Bs.dtype
     U, V = Bs.mT @ U_c.to(dtype), As.mT @ V_c.to(dtype)
     return [balanced(U[n], g[n].to(dtype), V[n]) for n in range(N)]
+
+
+def _flat(g: torch.Tensor, size: int) -> torch.Tensor:
+    """Each row of ``g`` (N, R) with its non-zero entries (``|g| > size eps max |g|``) replaced by their mean
+    magnitude, signs kept; the numerically zero ones set to 0."""
+    mag = g.abs()
+    keep = mag > size * torch.finfo(g.dtype).eps * mag.amax(dim=1, keepdim=True)
+    mean = (mag * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(keep, torch.sign(g) * mean, torch.zeros_like(g))
+
+
+def _keep_columns(W_B, W_A, C, U_c, V_c, weights, T: int, rank: int, how: str):
+    """``keep``: the ``rank`` of the K fitted components chosen by ``how`` (module docstring), as the columns of
+    ``U_c``, ``V_c`` (coordinates w.r.t. the rows of Bs / As). ``|w_t lambda_r c_tr| = |w_t C_tr| |u_r| |v_r|``."""
+    N, S, K = U_c.shape
+    if rank >= K:
+        return U_c, V_c
+    nu = (U_c * (W_B @ U_c)).sum(1).clamp_min(0).sqrt()  # (N, K): |U_r| = sqrt(U_c^T W_B U_c)_rr
+    nv = (V_c * (W_A @ V_c)).sum(1).clamp_min(0).sqrt()
+    a = weights.to(C.dtype)[:, :, None] * C * (nu * nv)[:, None, :]  # (N, T, K): w_t lambda_r c_tr
+    if how == "energy":
+        idx = a.sum(1).abs().topk(rank, dim=1).indices
+    else:  # cover: round robin over the tasks by |w_t| |X_t|, each taking its strongest remaining component
+        norm = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((2, 3)).clamp_min(0).sqrt()
+        order = torch.argsort((weights.abs().to(norm.dtype) * norm), dim=1, descending=True, stable=True)
+        idx = torch.empty(N, rank, dtype=torch.long, device=C.device)
+        for n in range(N):
+            free = torch.ones(K, dtype=torch.bool, device=C.device)
+            for j in range(rank):
+                t = int(order[n, j % T])
+                score = torch.where(free, a[n, t].abs(), -1.0)
+                idx[n, j] = int(score.argmax())
+                free[idx[n, j]] = False
+    pick = idx[:, None, :].expand(N, S, rank)
+    return U_c.gather(2, pick), V_c.gather(2, pick)
+
+
+def _cts(groups, weights, user_weights, Bs, As, C, U_c, V_c, k_c: int, n_task: int) -> list[LoraFactors]:
+    """``cts`` (module docstring): the k_c CP components (unit u_r, sign(g_r) v_r, |g_r|) plus each task's ``n_task``
+    leading triplets of ``(I - P_U) w_t X_t`` outside their span, polar factors, mean spectrum. Per module, all in
+    factored form (out x (k_c + T n) and in x (k_c + T n) matrices at most). ``weights`` are the merge weights of
+    the decomposed tasks (``w_t / c_t`` under ``cp_beta``), ``user_weights`` the ``w_t`` of the raw factors."""
+    dtype = Bs.dtype
+    results = []
+    for n, g_factors in enumerate(groups):
+        out, inn = g_factors[0].shape
+        eps = max(out, inn) * torch.finfo(dtype).eps
+        Us, Vs, Ss = [], [], []
+        if k_c > 0:
+            Ck = C[n, :, :k_c].to(dtype)
+            U, V = Bs[n].mT @ U_c[n, :, :k_c].to(dtype), As[n].mT @ V_c[n, :, :k_c].to(dtype)
+            nu, nv = U.norm(dim=0), V.norm(dim=0)
+            g = (weights[n].to(dtype)[:, None] * Ck).sum(0) * nu * nv  # lambda_r sum_t a_tr
+            good = g.abs() > eps * g.abs().max().clamp_min(torch.finfo(dtype).tiny)
+            U, V, g = U[:, good] / nu[good], V[:, good] / nv[good] * torch.sign(g[good]), g[good].abs()
+            Us.append(U)
+            Vs.append(V)
+            Ss.append(g)
+        Q = torch.linalg.qr(Us[0])[0] if Us and Us[0].shape[1] else None
+        for f, w in zip(g_factors, user_weights[n]):
+            if n_task == 0:
+                break
+            A_w = (w * f.scaling) * f.A
+            B_perp = f.B - Q @ (Q.T @ f.B) if Q is not None else f.B
+            U_t, S_t, V_t = task_svd(LoraFactors(A_w, B_perp, 1.0))
+            scale = torch.linalg.matrix_norm(f.B, ord=2) * torch.linalg.matrix_norm(A_w, ord=2)
+            m = min(n_task, int((S_t > eps * scale).sum()))
+            Us.append(U_t[:, :m])
+            Vs.append(V_t[:, :m])
+            Ss.append(S_t[:m])
+        S_all = torch.cat(Ss) if Ss else Bs.new_zeros(0)
+        if S_all.numel() == 0:  # every update is zero
+            results.append(LoraFactors(As.new_zeros(1, inn), Bs.new_zeros(out, 1), 1.0))
+            continue
+        if not torch.isfinite(S_all).all():
+            raise MergeInputError("CP-ALS diverged (non-finite factors); try cp_init='tasks' or a smaller cp_rank.")
+        U_hat, V_hat = torch.cat(Us, dim=1), torch.cat(Vs, dim=1)
+        results.append(balanced(polar(U_hat), S_all.mean().expand(S_all.numel()), polar(V_hat)))
+    return results
