@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import now, package_versions
-from ..config import check_option_types, merged_config, numerical_failure
+from ..config import check_mergeable, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
 from .adapter import MergedAdapter
@@ -117,6 +117,7 @@ def merge_adapters(
             )
         base_model = next(iter(bases.values()))
     configs = [s.config for s in srcs]
+    check_mergeable(configs, [s.spec for s in srcs])  # before any tensor is read
 
     def open_all(stack: contextlib.ExitStack) -> list:
         return [open_weights(s, stack) for s in srcs]
@@ -172,7 +173,7 @@ def merge_adapters(
             bar.update(len(chunk))
     bar.close()
 
-    config = merged_config(configs, rank)
+    config = merged_config(configs, rank, [s.spec for s in srcs])
     config.base_model_name_or_path = base_model
     config.inference_mode = True
     recipe = {

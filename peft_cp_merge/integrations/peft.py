@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import _freeze_adapter
 
-from ..config import check_lora_config, check_option_types, merged_config, numerical_failure
+from ..config import check_lora_config, check_mergeable, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError, UnknownMergeOptionError
 from ..methods import LoraFactors, check_weights, get_merge_method
 
@@ -134,6 +134,7 @@ def add_weighted_adapter_registry(
     configs = [model.peft_config[name] for name in adapters]
     for name, config in zip(adapters, configs):
         check_lora_config(config, name)
+    check_mergeable(configs, adapters)  # the fields they must agree on, and one layer selection for all
     method.resolve_rank(rank)  # the type, before any work
 
     # Compute everything before touching the model: an error above or here leaves it unchanged.
@@ -142,7 +143,7 @@ def add_weighted_adapter_registry(
     for key, f in merged.items():  # the registry computes in float32 and casts back to the adapters' dtype
         _check_finite(key, f.A, f.B)
 
-    model.peft_config[adapter_name] = merged_config(configs, rank)
+    model.peft_config[adapter_name] = merged_config(configs, rank, adapters)
     try:
         model.inject_adapter(model.model, adapter_name)
         _freeze_adapter(model.model, adapter_name)
