@@ -1,16 +1,19 @@
 """The SVD-family baselines (``svd``, ``tsv``, ``knots``) in factored form, against dense references and PEFT."""
 
+import peft
 import pytest
 import torch
 from _models import delta_matrix, dense_core_space, dense_ties, dense_truncated, make_peft_model
 from _models import lora_layers as _layers
 from _models import random_factors as _factors
 from _models import rel_err as _rel
+from packaging.version import Version
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
 from peft_cp_merge.integrations.peft import get_lora_factors
 
 svd, tsv, knots = (get_merge_method(n) for n in ("svd", "tsv", "knots"))
+_PEFT_SVD_SCALES_ONCE = Version(peft.__version__) >= Version("0.21")  # peft #3111
 
 
 # ---------------------------------------------------------------- dense references, from the papers' formulas
@@ -99,12 +102,18 @@ def test_svd_equals_peft_svd_on_a_peft_model():
     assert {type(layers[k]).__name__ for k in targets} == {"Embedding", "Linear", "Conv2d"}
     assert layers["c1d"].fan_in_fan_out
     for key, layer in layers.items():
-        got = svd([get_lora_factors(layer, n) for n in names], w, rank=R)
-        # PEFT rounds the weights to float32 (torch.tensor(weights)): ~1e-8 relative on a float64 model
-        assert _rel(got.B @ got.A, delta_matrix(layer, "peft_svd")) < 1e-6, key
-        # and PEFT's svd is itself the truncated SVD of the weighted deltas
+        factors = [get_lora_factors(layer, n) for n in names]
+        got = svd(factors, w, rank=R)
+        # our svd is the truncated SVD of the weighted deltas
         ref = dense_truncated(sum(wt * delta_matrix(layer, n) for n, wt in zip(names, w)), R)
         assert _rel(got.B @ got.A, ref) < 1e-10, key
+        # PEFT's svd before 0.21 applied each adapter's scaling twice (peft #3111): its weights were w_t * s_t
+        peft_w = w if _PEFT_SVD_SCALES_ONCE else [wt * f.scaling for wt, f in zip(w, factors)]
+        theirs = svd(factors, peft_w, rank=R)
+        # PEFT rounds the weights to float32 (torch.tensor(weights)): ~1e-8 relative on a float64 model
+        assert _rel(theirs.B @ theirs.A, delta_matrix(layer, "peft_svd")) < 1e-6, key
+    # the scalings differ from 1 here (x: 2, y: 1 and 0.75 on lin0, z: sqrt 2), so the two versions are told apart
+    assert sorted(float(layers["lin0"].scaling[n]) for n in names) == pytest.approx([0.75, 2**0.5, 2.0])
 
 
 # ---------------------------------------------------------------- tsv
