@@ -3,7 +3,7 @@
 Adding a method is one new file here with a function decorated by :func:`merge_method`, imported below.
 """
 
-from . import core, cp, iso, knots, svd, tsv, tucker  # noqa: F401  (registers the methods)
+from . import anchors, core, cp, iso, knots, svd, tsv, tucker  # noqa: F401  (registers the methods)
 from .registry import (
     LoraFactors,
     MergeMethod,
