@@ -30,6 +30,7 @@ from .._io import now, package_versions
 from ..config import check_mergeable, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
+from ..methods._linalg import single_threaded
 from .adapter import MergedAdapter
 from .sources import (
     DTYPES,
@@ -44,6 +45,7 @@ from .sources import (
 logger = logging.getLogger(__name__)
 
 
+@single_threaded()  # small per-factor work; the methods thread their large products (_linalg.threaded)
 def merge_adapters(
     sources: Sequence[str | Path],
     weights: Sequence[float] | None = None,
