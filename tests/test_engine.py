@@ -324,7 +324,13 @@ def test_existing_output_refused_then_overwritten(saved, tmp_path):
     with pytest.raises(MergeInputError, match="already exists"):
         merged.save_pretrained(out)
     assert _snapshot(out) == ["keep.txt"]
-    merged.save_pretrained(out, overwrite=True)
+    # overwrite replaces only a merged adapter this package wrote (issue 23): a folder of the user's stays
+    with pytest.raises(ValueError, match="overwrite never replaces it"):
+        merged.save_pretrained(out, overwrite=True)
+    assert _snapshot(out) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    merged.save_pretrained(out, overwrite=True)  # an empty folder holds nothing to lose
+    merged.save_pretrained(out, overwrite=True)  # a merged adapter written here
     assert _snapshot(out) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert _snapshot(tmp_path) == ["out", "out/README.md", "out/adapter_config.json", "out/adapter_model.safetensors"]
 

@@ -91,11 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s")
-    return run_command(args)
+    """The command line; Ctrl-C anywhere is one line (``interrupted; nothing written``, or what a command that
+    keeps resumable work says) and exit code 130, never a traceback (every writer cleans up on the way out)."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(asctime)s %(name)s: %(message)s")
+        return run_command(args)
+    except KeyboardInterrupt as e:
+        print(f"interrupted; {getattr(e, 'peft_cp_merge_note', None) or 'nothing written'}", file=sys.stderr)
+        return INTERRUPTED
 
 
 def run_command(args: argparse.Namespace) -> int:

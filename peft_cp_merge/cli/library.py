@@ -71,6 +71,8 @@ def _add_train(sub) -> None:
     p.add_argument("--set", action="append", type=key_value, default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override one config field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--wait", action="store_true",
+                   help="if another run is writing output_dir, wait for it instead of refusing")
     g = p.add_argument_group("config fields (override --config; values parsed as YAML, null = unset)")
     hints = typing.get_type_hints(LibraryTrainConfig)
     for f in dataclasses.fields(LibraryTrainConfig):
@@ -107,7 +109,13 @@ def cmd_train(args) -> int:
         return 0
     from ..library.train import train_library
 
-    lib = train_library(config)
+    try:
+        lib = train_library(config, wait=args.wait)
+    except KeyboardInterrupt as e:  # cli.main prints it; a resumable library is kept, and said so
+        if (Path(config.output_dir) / "library.json").is_file():
+            e.peft_cp_merge_note = (f"nothing half-written: the clusters finished so far stay in "
+                                    f"{config.output_dir}; rerun the same command to resume")
+        raise
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -143,11 +151,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .._io import check_output_folder
+    from .._io import check_disjoint, check_output_folder, output_guard
     from ..library import AdapterLibrary
 
     out = Path(args.out)
-    check_output_folder(out, overwrite=args.overwrite)  # before any work: an existing or unwritable --out
+    libraries = [args.library] if Path(args.library).exists() else []
+    # before any work: an --out inside (or over) the library, an existing or an unwritable --out
+    check_disjoint(out, libraries=libraries)
+    check_output_folder(out, overwrite=args.overwrite, kind="merged-adapter")
     weights = args.weights
     if weights is not None and weights != ["size"]:
         try:
@@ -158,9 +169,10 @@ def cmd_merge(args) -> int:
     elif weights is not None:
         weights = "size"
     options = dict(args.option)
-    lib = AdapterLibrary.from_pretrained(args.library, clusters=args.clusters)
-    merged = lib.merge(method=args.method, weights=weights, rank=args.rank, **options)
-    merged.save_pretrained(out, overwrite=args.overwrite)
+    with output_guard(out, kind="merged-adapter", overwrite=args.overwrite, wait=args.wait, libraries=libraries):
+        lib = AdapterLibrary.from_pretrained(args.library, clusters=args.clusters)
+        merged = lib.merge(method=args.method, weights=weights, rank=args.rank, **options)
+        merged.save_pretrained(out, overwrite=args.overwrite, wait=args.wait)
     print(f"Merged {len(lib.available)} cluster adapters with {args.method!r} into {out}")
     return 0
 
@@ -238,7 +250,10 @@ def add_library_commands(sub) -> None:
                    help="merge only these clusters (default: all)")
     p.add_argument("--option", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="merge-method option, e.g. --option cp_init=svd (repeatable; values parsed as YAML)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (only a merged adapter this tool wrote)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing --out, wait for it instead of refusing")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("push", help="upload a library to the Hub in one commit")

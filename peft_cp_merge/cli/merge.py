@@ -37,7 +37,10 @@ def _add_merge(sub) -> None:
                    help="a method option, e.g. --option cp_variant=sign_elect --option cp_n_iter_max=200 "
                    "(repeatable; values parsed as YAML; `peft-cp-merge methods` lists each method's options)")
     p.add_argument("--out", metavar="DIR", help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an existing --out folder (only a merged adapter this tool wrote)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing --out, wait for it instead of refusing")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the merged adapter to this Hub repo")
     p.add_argument("--private", action="store_true", default=None, help="create the --push-to-hub repo private")
     p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing)")
@@ -75,15 +78,18 @@ def merge_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    import contextlib
     from pathlib import Path
 
-    from .._io import check_output_folder
+    from .._io import check_disjoint, check_output_folder, output_guard
     from ..files.merge import merge_adapters
 
     s = merge_settings(args)
     out = Path(args.out) if args.out else None
-    if out is not None:  # before the merge runs: an unwritable or existing --out costs nothing
-        check_output_folder(out, overwrite=bool(args.overwrite))
+    local = [p for p in map(str, s["sources"]) if p.strip() and Path(p).expanduser().exists()]
+    if out is not None:  # before the merge runs: an --out that is a source, exists or is unwritable costs nothing
+        check_disjoint(out, sources=local)
+        check_output_folder(out, overwrite=bool(args.overwrite), kind="merged-adapter")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -92,13 +98,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except HFValidationError as e:
             raise PeftCpMergeError(f"--push-to-hub {args.push_to_hub!r} is not a valid Hub repo id "
                                    f"('user/name'): {e}") from None
-    merged = merge_adapters(
-        s["sources"], s.get("weights"), s.get("method", "cp"), s.get("rank"), base_model=s.get("base_model"),
-        device=s.get("device"), dtype=s.get("dtype"), batch_size=s.get("batch_size", 32),
-        progress=not args.no_progress, **s["options"],
-    )
-    if out is not None:
-        merged.save_pretrained(out, overwrite=bool(args.overwrite))
+    # the output's lock is held from before the first source is read until the folder is in place
+    guard = contextlib.nullcontext() if out is None else output_guard(
+        out, kind="merged-adapter", overwrite=bool(args.overwrite), wait=args.wait, sources=local)
+    with guard:
+        merged = merge_adapters(
+            s["sources"], s.get("weights"), s.get("method", "cp"), s.get("rank"), base_model=s.get("base_model"),
+            device=s.get("device"), dtype=s.get("dtype"), batch_size=s.get("batch_size", 32),
+            progress=not args.no_progress, **s["options"],
+        )
+        if out is not None:
+            merged.save_pretrained(out, overwrite=bool(args.overwrite), wait=args.wait)
     url = None
     if args.push_to_hub:
         url = merged.push_to_hub(args.push_to_hub, private=args.private, revision=args.revision,

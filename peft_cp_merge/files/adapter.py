@@ -13,7 +13,7 @@ import torch
 import yaml
 from peft import LoraConfig
 
-from .._io import atomic_folder
+from .._io import MARKER_KEY, atomic_folder
 from ..errors import MergeInputError
 from .recipe import RECIPE_START
 from .sources import CONFIG_FILE, WEIGHTS_FILE
@@ -27,6 +27,9 @@ class MergedAdapter:
     config: LoraConfig
     recipe: dict[str, Any]
     stats: dict[str, Any] = field(default_factory=dict)
+    # what the merge read (local folders, Hub snapshot folders) and the libraries they belong to: never written to
+    source_paths: list[Path] = field(default_factory=list, repr=False)
+    libraries: list[Path] = field(default_factory=list, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -49,11 +52,15 @@ class MergedAdapter:
                   metadata={"format": "pt"})
         (folder / "README.md").write_text(render_card(self))
 
-    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, wait: bool = False) -> Path:
         """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md`` (the model card with
-        the recipe) into a new folder, atomically; an existing folder is refused unless ``overwrite``."""
+        the recipe) into a new folder, atomically; an existing folder is refused unless ``overwrite``, which
+        replaces only a merged adapter this package wrote. A folder that is, contains or is inside a source or a
+        library of the merge is refused; another writer of the same folder is refused unless ``wait``
+        (:func:`peft_cp_merge._io.atomic_folder`)."""
         try:
-            return atomic_folder(save_directory, self._write, overwrite=overwrite)
+            return atomic_folder(save_directory, self._write, overwrite=overwrite, kind="merged-adapter", wait=wait,
+                                 sources=self.source_paths, libraries=self.libraries, needed=self.nbytes)
         except FileExistsError as e:
             raise MergeInputError(str(e)) from None
 
@@ -124,16 +131,17 @@ to write and whether to push are only ever taken from the command line).
 ```yaml
 {recipe}```
 """
-    return model_card(body, base_model=r["base_model"], relation="merge", tags=["lora", "peft-cp-merge", r["method"]])
+    return model_card(body, base_model=r["base_model"], relation="merge", tags=["lora", "peft-cp-merge", r["method"]],
+                      **{MARKER_KEY: "merged-adapter"})  # the marker that lets --overwrite replace this folder
 
 
-def model_card(body: str, *, base_model: str | None, relation: str, tags: list[str]) -> str:
+def model_card(body: str, *, base_model: str | None, relation: str, tags: list[str], **fields: str) -> str:
     """A Hub model card (``huggingface_hub.ModelCard``): metadata ``library_name: peft``, ``tags`` and, when known,
     ``base_model`` with ``base_model_relation`` (``merge``, ``adapter``), then the markdown ``body``. Used for
     merged adapters and adapter libraries alike."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="peft", tags=tags)
+    data = ModelCardData(library_name="peft", tags=tags, **fields)
     if base_model:
         data.base_model, data.base_model_relation = base_model, relation
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))

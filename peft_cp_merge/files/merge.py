@@ -26,11 +26,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import now, package_versions
+from .._io import check_unchanged, now, package_versions
 from ..config import check_mergeable, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
-from ..methods._linalg import single_threaded
 from .adapter import MergedAdapter
 from .sources import (
     DTYPES,
@@ -45,7 +44,6 @@ from .sources import (
 logger = logging.getLogger(__name__)
 
 
-@single_threaded()  # small per-factor work; the methods thread their large products (_linalg.threaded)
 def merge_adapters(
     sources: Sequence[str | Path],
     weights: Sequence[float] | None = None,
@@ -101,6 +99,10 @@ def merge_adapters(
         sources = None
     if not sources:
         raise MergeInputError("`sources` must be a non-empty list of adapter folders or Hub ids.")
+    for s in sources:  # before any is resolved or downloaded
+        if not isinstance(s, (str, Path)) or not str(s).strip():
+            raise MergeInputError(f"Source {s!r} is empty or not a path: give an adapter folder or a Hub id "
+                                  "(an empty string would silently mean the current folder).")
     m.resolve_rank(rank, option="rank")  # the type, before any source is resolved
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MergeInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -121,7 +123,10 @@ def merge_adapters(
     configs = [s.config for s in srcs]
     check_mergeable(configs, [s.spec for s in srcs])  # before any tensor is read
 
+    identities = {k: v for s in srcs for k, v in s.identity.items()}
+
     def open_all(stack: contextlib.ExitStack) -> list:
+        check_unchanged(identities)  # a file replaced since it was first read is never mixed in
         return [open_weights(s, stack) for s in srcs]
 
     with contextlib.ExitStack() as stack:
@@ -162,6 +167,7 @@ def merge_adapters(
                                                  B.flatten(1).to(device, load_dtype), e.scaling))
                     groups.append(group)
                     wts.append([weights[e.source] for e in index[name]])
+            check_unchanged(identities)  # after this batch's reads: a file rewritten in place meanwhile
             try:
                 merged = m.merge_batch(groups, wts, rank=rank, where=chunk, all_modules=modules, **resolved)
             except torch.linalg.LinAlgError as e:
@@ -189,7 +195,7 @@ def merge_adapters(
     }
     stats = {"seconds": time.perf_counter() - start, "modules": len(index), "created": now(),
              "versions": package_versions()}
-    merged = MergedAdapter(tensors, config, recipe, stats)
+    merged = MergedAdapter(tensors, config, recipe, stats, source_paths=[s.path for s in srcs])
     stats["bytes"] = merged.nbytes
     logger.info("Merged %d adapters (%d modules) with %s at rank %d in %.2f s (%.1f MB)", len(srcs), len(index),
                 method, rank, stats["seconds"], merged.nbytes / 1e6)

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
 
+from .._io import file_identities
 from ..config import check_lora_config, check_raw_lora_config
 from ..errors import MergeInputError, UnsupportedAdapterError
 
@@ -48,6 +49,8 @@ class AdapterSource:
     repo_id: str | None = None
     subfolder: str | None = None
     revision: str | None = None
+    identity: dict[str, tuple[int, int, int, int]] = field(default_factory=dict, repr=False)
+    """(size, mtime_ns, inode, device) of the config and weights files, taken before they were first read."""
 
     @property
     def weights_file(self) -> Path:
@@ -114,6 +117,9 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
 
 def resolve_source(spec: str | Path, *, token: str | bool | None = None) -> AdapterSource:
     """A local adapter folder, or a Hub id downloaded (only the adapter files) into the Hugging Face cache."""
+    if not isinstance(spec, (str, Path)) or not str(spec).strip():
+        raise MergeInputError(f"Adapter source {spec!r} is empty: give the path of an adapter folder or a Hub id "
+                              "(an empty string would silently mean the current folder).")
     spec = str(spec)
     local = Path(spec).expanduser()
     repo_id = subfolder = revision = None
@@ -124,7 +130,8 @@ def resolve_source(spec: str | Path, *, token: str | bool | None = None) -> Adap
     else:
         repo_id, subfolder, revision = parse_hub_spec(spec)
         root = _download(repo_id, subfolder, revision, token)
-        path, revision = root / (subfolder or ""), root.name  # snapshots/<commit hash>
+        # snapshots/<commit hash>: the immutable snapshot the id resolved to (its files link to content blobs)
+        path, revision = root / (subfolder or ""), root.name
     if not path.is_dir():
         raise MergeInputError(f"Adapter source {spec!r} is a file; give the adapter folder that contains it.")
     if not (path / CONFIG_FILE).is_file():
@@ -140,7 +147,8 @@ def resolve_source(spec: str | Path, *, token: str | bool | None = None) -> Adap
                 "path)` and re-save with `model.save_pretrained(out, safe_serialization=True)`."
             )
         raise MergeInputError(f"{spec!r} has {CONFIG_FILE} but no {WEIGHTS_FILE}; the adapter is incomplete.")
-    return AdapterSource(spec, path, _read_config(path, spec), repo_id, subfolder, revision)
+    identity = file_identities([path / CONFIG_FILE, path / WEIGHTS_FILE])  # before the first read
+    return AdapterSource(spec, path, _read_config(path, spec), repo_id, subfolder, revision, identity)
 
 
 def _read_config(path: Path, spec: str) -> LoraConfig:

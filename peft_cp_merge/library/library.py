@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_folder, atomic_write_json, atomic_write_text
+from .._io import MARKER_FIELD, atomic_folder, atomic_write_json, atomic_write_text, marker, tree_size
 from .._schema import first_error
 from .cluster import Routing, route_embeddings
 from .errors import LibraryConfigError, LibraryError, LibraryExistsError, LibraryFormatError
@@ -234,7 +234,7 @@ class AdapterLibrary:
         if bad:
             raise LibraryError(f"Clusters {bad} do not exist; the library has clusters 0..{k - 1}.")
         centroids, assignments = (None, None) if meta.get("kind") == "built" else \
-            _read_centroids(path, k)  # built from adapters: no text centroids
+            _read_centroids(path, k, meta.get("embedding_dim"))  # built from adapters: no text centroids
         lib = cls(path, meta, centroids, assignments, available=wanted)
         if verify:
             lib.verify()
@@ -272,12 +272,13 @@ class AdapterLibrary:
             for i in range(plan.num_clusters):
                 clusters.append(plan.merge_cluster(i, tmp / cluster_dirname(i), cluster_dirname(i)))
                 clusters[-1]["sha256"] = adapter_checksum(tmp / cluster_dirname(i))
-            meta = plan.meta(FORMAT, clusters)
+            meta = {**plan.meta(FORMAT, clusters), MARKER_FIELD: marker("adapter-library")}
             atomic_write_json(tmp / LIBRARY_FILE, meta)
             atomic_write_text(tmp / CARD_FILE, render_card(meta))
 
         try:
-            atomic_folder(plan.out, write, overwrite=overwrite)
+            atomic_folder(plan.out, write, overwrite=overwrite, kind="adapter-library",
+                          sources=[src.path for src in plan.sources])
         except FileExistsError as e:
             raise LibraryExistsError(str(e)) from None
         return cls.from_pretrained(plan.out)
@@ -299,15 +300,18 @@ class AdapterLibrary:
                 )
 
     # saving / pushing
-    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, overwrite: bool = False, wait: bool = False) -> Path:
         """Copy the library (the loaded clusters) to ``save_directory`` with :func:`peft_cp_merge._io.atomic_folder`
-        (temporary folder, then rename; an existing folder is refused unless ``overwrite``)."""
+        (temporary folder, then rename; an existing folder is refused unless ``overwrite``, which replaces only a
+        library this package wrote; a folder inside this library or containing it is refused; another writer of
+        the same folder is refused unless ``wait``)."""
         dest = Path(save_directory)
         if dest.exists() and dest.resolve() == self.path.resolve():
             return dest
 
         def write(tmp: Path) -> None:
             meta = json.loads(json.dumps(self.meta))
+            meta[MARKER_FIELD] = marker("adapter-library")
             for i, c in enumerate(meta["clusters"]):
                 if i not in self.available:
                     c["status"] = "not-included"
@@ -321,7 +325,8 @@ class AdapterLibrary:
             atomic_write_text(tmp / CARD_FILE, render_card(meta))
 
         try:
-            return atomic_folder(dest, write, overwrite=overwrite)
+            return atomic_folder(dest, write, overwrite=overwrite, kind="adapter-library", wait=wait,
+                                 libraries=[self.path], needed=tree_size(self.path))
         except FileExistsError as e:
             raise LibraryExistsError(str(e)) from None
 
@@ -380,8 +385,10 @@ class AdapterLibrary:
             raise LibraryConfigError(f"{len(weights)} weight(s) for {len(ids)} clusters {ids}: give one weight per "
                                      "cluster, or 'size' (weights proportional to the cluster sizes).")
         sources = [str(self.adapter_path(i)) for i in ids]
-        return merge_adapters(sources, weights=None if weights is None else list(weights), method=method,
-                              rank=rank, **options)
+        merged = merge_adapters(sources, weights=None if weights is None else list(weights), method=method,
+                                rank=rank, **options)
+        merged.libraries = [self.path]  # its save_pretrained never writes into (or over) this library
+        return merged
 
     def route(self, texts: str | Sequence[str], top_k: int = 1, temperature: float = 0.05, *,
               embedder=None) -> Routing:
@@ -402,7 +409,14 @@ class AdapterLibrary:
             if self._embedder is None:
                 self._embedder = load_embedder(self.embedding_model)
             embedder = self._embedder
-        return route_embeddings(embed_texts(texts, embedder), self.centroids, top_k=top_k, temperature=temperature)
+        emb = embed_texts(texts, embedder)
+        if emb.ndim != 2 or emb.shape[1] != self.centroids.shape[1]:
+            raise LibraryFormatError(
+                f"The embedding model gives {tuple(emb.shape)[1:]}-dim embeddings but the centroids of {self.path} "
+                f"are {self.centroids.shape[1]} wide: this is not the library's embedding model "
+                f"({self.embedding_model}), or the library is corrupt."
+            )
+        return route_embeddings(emb, self.centroids, top_k=top_k, temperature=temperature)
 
     def arrow_model(self, base_model, top_k: int = 3, router_temperature: float = 1.0,
                     general_adapters: Sequence[str | Path] | None = None, *, clusters: Sequence[int] | None = None,
@@ -500,8 +514,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_centroids(path: Path, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``centroids`` (k x dim, finite floats) and the optional ``assignments`` (n, integers in 0..k-1)."""
+def _read_centroids(path: Path, k: int, dim: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``centroids`` (k x dim, finite floats; ``dim`` the embedding width library.json records, when it does) and
+    the optional ``assignments`` (n, integers in 0..k-1)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -517,6 +532,14 @@ def _read_centroids(path: Path, k: int) -> tuple[torch.Tensor, torch.Tensor | No
         shape = None if c is None else f"{tuple(c.shape)} {c.dtype}"
         raise LibraryFormatError(f"{cpath} must hold `centroids`, finite floats of shape ({k}, dim) for the {k} "
                                  f"clusters of library.json; found {shape}. The library is corrupt.")
+    if isinstance(dim, bool) or not isinstance(dim, (int, type(None))) or (dim is not None and dim < 1):
+        raise LibraryFormatError(f"{path / LIBRARY_FILE}: `embedding_dim` must be a positive integer (got "
+                                 f"{dim!r:.40}); the library is corrupt.")
+    if dim is not None and c.shape[1] != dim:
+        raise LibraryFormatError(
+            f"{cpath}: the centroids are {c.shape[1]} wide, but library.json says its embedding model gives "
+            f"{dim}-dim embeddings, so no input could be routed. The library is corrupt: re-download or retrain it."
+        )
     if a is not None and (a.ndim != 1 or a.is_floating_point() or a.is_complex()
                           or (a.numel() and not 0 <= int(a.min()) <= int(a.max()) < k)):
         raise LibraryFormatError(f"{cpath}: `assignments` must be cluster ids in 0..{k - 1}, one per example. The "

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_folder, atomic_write_json, now, package_versions
+from .._io import MARKER_FIELD, atomic_folder, atomic_write_json, marker, now, package_versions
 from .cluster import Clustering
 from .config import NOT_FINGERPRINTED, LibraryTrainConfig
 from .errors import LibraryExistsError, LibraryFormatError
@@ -116,6 +116,7 @@ def initial_meta(config, clustering: Clustering, records, data_fp: str, dim: int
         "clusters": clusters,
         "training": config.to_dict(),
         "versions": package_versions(),
+        MARKER_FIELD: marker("adapter-library"),  # what lets `overwrite: true` replace it (never a name alone)
     }
 
 

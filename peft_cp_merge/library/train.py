@@ -36,7 +36,9 @@ import gc
 import json
 import logging
 import math
+import os
 import random
+import secrets
 import shutil
 import time
 import traceback
@@ -47,7 +49,25 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from .._io import (
+    MARKER_FIELD,
+    OutputLockedError,
+    OutputRefusedError,
+    _folder_tag,
+    _host_tag,
+    _remove,
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+    check_disjoint,
+    check_replaceable,
+    clean_stale_folders,
+    disk_errno,
+    make_parents,
+    marker,
+    output_lock,
+    remove_created,
+)
 from .cluster import Clustering, cluster_embeddings, plot_clusters
 from .config import LibraryTrainConfig
 from .data import collate, fingerprint, normalize, num_loss_tokens, read_rows, tokenize
@@ -112,7 +132,47 @@ def _assign_clusters(pending: list[int], sizes: list[int], world: int) -> list[l
     return [sorted(p) for p in plan]
 
 
-def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None) -> AdapterLibrary:
+class _Run:
+    """What this run did to ``output_dir`` (main process), so a failure can undo exactly that."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.existed = out.exists()
+        self.created: list[Path] = []  # parent folders made for it
+        self.aside: Path | None = None  # overwrite: the old library, renamed aside until the new one is complete
+
+    def set_aside(self) -> None:
+        tag = f"{_host_tag()}.{os.getpid()}.{secrets.token_hex(4)}.{_folder_tag(self.out)}"
+        self.aside = self.out.parent / f".old.{tag}"
+        os.rename(self.out, self.aside)
+
+    def undo(self, error: BaseException) -> None:
+        """After a failure: an overwritten library is put back; a folder this run created is removed when it holds
+        nothing resumable (no library.json yet) or the disk is full; a resumed library is kept as it is."""
+        out = self.out
+        if self.aside is not None:
+            if out.exists():
+                _remove(out)
+            os.rename(self.aside, out)
+            logger.info("the run failed: %s is back as it was before", out)
+            return
+        if self.existed or not out.is_dir():
+            return
+        if disk_errno(error) or not (out / LIBRARY_FILE).is_file():
+            _remove(out)
+
+
+def _local_sources(config: LibraryTrainConfig, dataset) -> list[Path]:
+    """The local paths the run reads (data, base and embedding model folders): never written to."""
+    found = []
+    for value in (config.dataset if dataset is None else None, config.base_model, config.embedding_model):
+        if value is not None and isinstance(value, (str, os.PathLike)) and os.path.exists(os.path.expanduser(value)):
+            found.append(Path(value))
+    return found
+
+
+def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None, wait: bool = False
+                  ) -> AdapterLibrary:
     """Build (or resume) the adapter library described by ``config``; returns it on every rank.
 
     Args:
@@ -120,22 +180,49 @@ def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None)
         dataset: optional in-memory data (``datasets.Dataset``, ``DatasetDict`` or list of dicts) used instead of
             ``config.dataset``.
         accelerator: an existing ``accelerate.Accelerator`` (default: one built from the config).
+        wait: when another run writes the same ``output_dir``, wait for it instead of refusing.
+
+    The main process holds the output's lock (:func:`peft_cp_merge._io.output_lock`) for the whole run; the output
+    must not overlap the data or the models; ``overwrite`` replaces only a library this package wrote, and the old
+    one is kept until the new one is complete; a failed run removes the folder it created unless it holds a
+    resumable library (and always on a full disk).
     """
     accelerator = accelerator or _make_accelerator(config)
     out = Path(config.output_dir)
+    run = _Run(out)
+    main = accelerator.is_main_process
     try:
-        return _train(config, dataset, accelerator, out)
+        with contextlib.ExitStack() as stack:
+            if main:
+                check_disjoint(out, sources=_local_sources(config, dataset), name="output_dir")
+                if out.exists() and not out.is_dir():
+                    raise LibraryExistsError(f"output_dir {str(out)!r} is a file, not a folder. Choose a folder.")
+                run.created = make_parents(out.parent)
+                stack.callback(lambda: remove_created(run.created) if not out.exists() else None)
+                stack.enter_context(output_lock(out, wait=wait))
+                clean_stale_folders(out)  # puts back the old library of a killed overwrite
+                run.existed = out.exists()
+            try:
+                lib = _train(config, dataset, accelerator, out, run)
+            except BaseException as e:
+                if main:  # still under the lock: nobody else writes here yet
+                    run.undo(e)
+                raise
+            if main and run.aside is not None:
+                _remove(run.aside)
+            return lib
     except BaseException as e:
-        if accelerator.num_processes > 1 and not isinstance(e, RankFailedError):
+        refused = (RankFailedError, OutputRefusedError, OutputLockedError, LibraryExistsError, KeyboardInterrupt)
+        if accelerator.num_processes > 1 and not isinstance(e, refused) and out.is_dir():
             with contextlib.suppress(OSError):
-                (out / RUN_DIR).mkdir(parents=True, exist_ok=True)
+                (out / RUN_DIR).mkdir(exist_ok=True)
                 atomic_write_text(out / RUN_DIR / f"failed-rank{accelerator.process_index}.txt",
                                   "".join(traceback.format_exception(e)))
         logger.error("%s failed: %s: %s", _dist_note(accelerator), type(e).__name__, e)
         raise
 
 
-def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> AdapterLibrary:
+def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path, run: _Run) -> AdapterLibrary:
     from accelerate.utils import broadcast_object_list, gather_object
 
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -155,9 +242,8 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
     #    the data, the base model
     if out.exists() and not out.is_dir():
         raise LibraryExistsError(f"output_dir {str(out)!r} is a file, not a folder. Choose a folder.")
-    if config.overwrite and out.is_dir() and any(out.iterdir()) and not (out / LIBRARY_FILE).is_file():
-        raise LibraryExistsError(f"output_dir {str(out)!r} holds files but no adapter library; overwrite only ever "
-                                 "deletes a library. Choose an empty or new output_dir.")
+    if config.overwrite and out.is_dir():  # only a library this package wrote, holding nothing else
+        check_replaceable(out, "adapter-library")
     meta = None if config.overwrite else check_output(out, config)
     with accelerator.main_process_first():
         rows = read_rows(dataset if dataset is not None else config.dataset, split=config.dataset_split,
@@ -189,8 +275,8 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
         )
     accelerator.wait_for_everyone()
     if main:
-        if config.overwrite and out.exists():
-            shutil.rmtree(out)
+        if config.overwrite and out.exists() and any(out.iterdir()):
+            run.set_aside()  # deleted once the new library is complete, put back if this run fails
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out / RUN_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -294,6 +380,7 @@ def _train(config: LibraryTrainConfig, dataset, accelerator, out: Path) -> Adapt
                 raise RuntimeError(f"{folder} changed while training (sha256 mismatch); rerun to retrain it.")
             meta["clusters"][c].update(status="done", sha256=sha, **public_stats(state))
         meta["status"] = "complete"
+        meta[MARKER_FIELD] = marker("adapter-library")  # also on a library resumed from an earlier version
         meta["num_processes"] = world
         meta["train_seconds_last_run"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(out / LIBRARY_FILE, meta)

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 
 from .registry import LoraFactors
@@ -46,46 +42,3 @@ def zero_update(factors: list[LoraFactors]) -> LoraFactors:
     """Rank-1 zero factors of the modules' shape: the merge when every update is zero."""
     out, inn = factors[0].shape
     return LoraFactors(factors[0].A.new_zeros(1, inn), factors[0].B.new_zeros(out, 1), 1.0)
-
-
-# torch's intra-op thread count of the outermost `single_threaded` scope, for `threaded` to restore
-_CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller_threads", default=None)
-
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the enclosed torch work on one intra-op thread, restoring the caller's count after (also a decorator).
-
-    A merge is mostly small operations ((T r)-sized ALS steps, per-factor checks, copies): each parallel region
-    waits for every thread, and when the cores are shared with another process (a laptop, a CI runner) a waiting
-    thread can lose a whole scheduler slice. On 2 cores next to a 2-thread torch process this made a 10-adapter
-    merge 10-15x slower with 2 threads than with 1 (``benchmarks/README.md``, busy-machine row). The few large
-    products that do gain from threads run inside :func:`threaded`. ``torch.set_num_threads`` is process-wide:
-    other Python threads running torch inside this scope run single-threaded too.
-    """
-    n = torch.get_num_threads()
-    token = _CALLER_THREADS.set(_CALLER_THREADS.get() or n)  # nested scopes keep the outermost caller's count
-    if n != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n != 1:
-            torch.set_num_threads(n)
-        _CALLER_THREADS.reset(token)
-
-
-@contextlib.contextmanager
-def threaded() -> Iterator[None]:
-    """Inside :func:`single_threaded`, the caller's thread count for one large operation (e.g. the (T r)^2 (out + in)
-    Gram products of a batch); elsewhere a no-op."""
-    n = _CALLER_THREADS.get()
-    now = torch.get_num_threads()
-    if n is None or n == now:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(now)

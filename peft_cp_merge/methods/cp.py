@@ -106,7 +106,7 @@ import torch
 from tensorly.random import random_cp
 
 from ..errors import MergeInputError
-from ._linalg import balanced, single_threaded, threaded
+from ._linalg import balanced
 from .iso import iso_cts_budget
 from .registry import LoraFactors, merge_method
 from .tsv import polar, task_svd
@@ -155,8 +155,7 @@ def _stack(groups: list[list[LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _gram(M: torch.Tensor) -> torch.Tensor:
-    with threaded():  # the one large product of a merge, (T r)^2 (out + in) per module: worth the caller's threads
-        return (M @ M.mT).double()
+    return (M @ M.mT).double()
 
 
 def _blocks(W: torch.Tensor, T: int) -> torch.Tensor:
@@ -392,7 +391,6 @@ def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
     validate=_validate,
     batched=True,
 )
-@single_threaded()  # the rest is small (T r)-sized work: see _linalg.single_threaded
 def cp_merge(
     groups: list[list[LoraFactors]],
     weights: torch.Tensor,
