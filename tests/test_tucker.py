@@ -12,6 +12,7 @@ from tensorly.decomposition import partial_tucker
 
 from peft_cp_merge import LoraFactors, MergeInputError, UnknownMergeOptionError, get_merge_method
 from peft_cp_merge.integrations.peft import get_lora_factors
+from peft_cp_merge.methods.tucker import hooi
 
 tucker = get_merge_method("tucker")
 
@@ -71,6 +72,30 @@ def test_equals_dense_partial_tucker(ranks, out, inn, rank, kw):
         "majority_sign_method", "sign"): v for k, v in kw.items()})
     assert _rel(got.B @ got.A, ref) < 1e-8
     assert torch.allclose(got.B.norm(dim=0), got.A.norm(dim=1))  # balanced
+
+
+def test_hooi_equals_tensorly_partial_tucker_on_a_batch():
+    """The batched HOOI against tensorly's partial_tucker module by module: the same subspaces (projections F F^T;
+    the signs are fixed by the caller), on cores of unequal difficulty (one converges late)."""
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(4, 3, 9, 7, generator=g, dtype=torch.float64)
+    G[1] = G[1] * torch.tensor([1.0, 1e-3, 1.0], dtype=torch.float64)[:, None, None]
+    F0, F1 = hooi(G, 3)
+    for n in range(4):
+        with tl.backend_context("pytorch"):
+            (_, (R0, R1)), _ = partial_tucker(G[n].permute(1, 2, 0), rank=[3, 3], modes=[0, 1], n_iter_max=1000,
+                                              tol=1e-6, init="svd")
+        assert _rel(F0[n] @ F0[n].T, R0 @ R0.T) < 1e-8 and _rel(F1[n] @ F1[n].T, R1 @ R1.T) < 1e-8, n
+        assert torch.allclose(F0[n].T @ F0[n], torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_batch_equals_one_module_at_a_time():
+    groups = [_factors([3, 2, 4], seed=s) for s in range(3)] + [_factors([2, 2], out=12, inn=9, seed=9)]
+    weights = [[0.2, 0.5, 0.3], [1.0, -0.5, 0.4], [0.3, 0.3, 0.3], [0.6, 0.4]]
+    batch = tucker.merge_batch(groups, weights, rank=3, where=[f"m{i}" for i in range(4)])
+    for g, w, got in zip(groups, weights, batch):
+        one = tucker(g, w, rank=3)
+        assert _rel(got.B @ got.A, one.B @ one.A) < 1e-10
 
 
 def test_full_rank_sum_is_the_weighted_sum_and_rank_r_is_not():

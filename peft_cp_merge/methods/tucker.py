@@ -12,7 +12,10 @@ Per module, with task updates ``X_t = s_t B_t A_t`` (out x in), weights ``w_t`` 
    ``beta = 1``: raw slices; ``beta = 0``: equal norms (the mean); default 0.25, CtM's README setting.
 3. Tucker-2 of the rescaled tensor, ``tensorly.decomposition.partial_tucker(M', rank=[R, R], modes=[0, 1],
    init="svd", n_iter_max=1000, tol=1e-6)`` (HOOI; the task mode is left free): orthonormal ``F0`` (k1 x R), ``F1``
-   (k2 x R). Lifted: ``U0 = U_B F0`` (out x R), ``U1 = V_A F1`` (in x R), both orthonormal.
+   (k2 x R). Lifted: ``U0 = U_B F0`` (out x R), ``U1 = V_A F1`` (in x R), both orthonormal. Computed by
+   :func:`hooi`, tensorly's iterates for a batch of equal-shape modules at once (the tests compare it with dense
+   ``partial_tucker`` on the full out x in x T tensor); tensorly's per-call overhead (a full SVD of each unfolding
+   per module and iteration) made a whole-model merge tens of seconds.
 4. Per-task R x R coordinates of the *raw* updates, ``C_t = U0^T X_t U1 = F0^T M_t F1`` (the rescaling only
    shapes the subspaces, as in CtM).
 5. Merge the ``C_t`` (``tucker_merge``):
@@ -61,9 +64,7 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 
 from ..errors import MergeInputError
 from ._linalg import balanced, svd_flip, zero_update
@@ -98,12 +99,43 @@ def rescale_slices(norms: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.where(norms > 0, target / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.ones_like(norms))
 
 
-def tucker2(tensor: torch.Tensor, rank: int, *, n_iter_max: int = 1000, tol: float = 1e-6):
-    """``(F0, F1)``: tensorly's ``partial_tucker`` of a k1 x k2 x T tensor on modes 0 and 1 at ranks [rank, rank]
-    (HOOI from the SVD start), each factor with orthonormal columns."""
-    with tl.backend_context("pytorch"):
-        (_, (F0, F1)), _ = partial_tucker(tensor, rank=[rank, rank], modes=[0, 1], n_iter_max=n_iter_max, tol=tol,
-                                          init="svd", random_state=0)
+def hooi(G: torch.Tensor, rank: int, *, n_iter_max: int = 1000, tol: float = 1e-6):
+    """``(F0, F1)``, (N, k1, rank) and (N, k2, rank) with orthonormal columns: tensorly's ``partial_tucker`` (HOOI,
+    ``init="svd"``) of each k1 x k2 x T tensor of the batch ``G`` (N, T, k1, k2) on its two matrix modes at ranks
+    [rank, rank], for all N modules at once.
+
+    The same iterates as tensorly: the SVD start takes the leading left singular vectors of each unfolding; an
+    iteration updates mode 0 from ``G x_2 F1^T`` (unfolding ``[M_1 F1 .. M_T F1]``), then mode 1 from
+    ``G x_1 F0^T`` with the new F0; the error ``sqrt(|G|^2 - |core|^2) / |G|`` stops a module once it changes by
+    less than ``tol`` (checked from the third iteration, as tensorly). The leading left singular vectors of an
+    unfolding ``Y`` are the leading eigenvectors of the small ``Y Y^T`` (k x k), which is all this computes (tensorly
+    runs a full SVD of each k x (R T) unfolding per module and iteration). Their signs are arbitrary here; the
+    caller fixes them as tensorly does.
+    """
+    def top(S):  # leading `rank` eigenvectors of each symmetric PSD S (N, k, k)
+        return torch.linalg.eigh(S)[1].flip(-1)[..., :rank]
+
+    N = G.shape[0]
+    F0 = top(torch.einsum("ntab,ntcb->nac", G, G))  # sum_t M_t M_t^T
+    F1 = top(torch.einsum("ntab,ntac->nbc", G, G))  # sum_t M_t^T M_t
+    norm2 = G.square().sum((1, 2, 3))
+    norm = norm2.sqrt().clamp_min(torch.finfo(G.dtype).tiny)
+    active = torch.ones(N, dtype=torch.bool, device=G.device)
+    prev = torch.zeros_like(norm)
+    for iteration in range(n_iter_max):
+        Y = G @ F1[:, None]  # (N, T, k1, R): M_t F1
+        F0_new = top(torch.einsum("ntar,ntbr->nab", Y, Y))
+        Z = G.mT @ F0_new[:, None]  # (N, T, k2, R): M_t^T F0
+        F1_new = top(torch.einsum("ntbr,ntcr->nbc", Z, Z))
+        core2 = (F1_new[:, None].mT @ Z).square().sum((1, 2, 3))  # |F0^T M_t F1|^2 summed over t
+        err = (norm2 - core2).abs().sqrt() / norm
+        keep = active[:, None, None]
+        F0, F1 = torch.where(keep, F0_new, F0), torch.where(keep, F1_new, F1)
+        if iteration > 1 and tol:
+            active = active & ((prev - err).abs() >= tol)
+        prev = torch.where(keep[:, 0, 0], err, prev)
+        if not active.any():
+            break
     return F0, F1
 
 
@@ -148,9 +180,10 @@ def flat_nonzero(s: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     },
     choices={"tucker_merge": TUCKER_MERGES, "majority_sign_method": SIGN_METHODS},
     validate=_validate,
+    batched=True,
 )
 def tucker_merge(
-    factors: list[LoraFactors],
+    groups: list[list[LoraFactors]],
     weights: torch.Tensor,
     *,
     rank: int,
@@ -161,23 +194,36 @@ def tucker_merge(
     isotropize: bool = False,
     tucker_n_iter_max: int = 1000,
     tucker_tol: float = 1e-6,
-) -> LoraFactors:
-    """CtM's Tucker-2 merge of one module's adapters; output rank ``<= min(rank, out, in, sum_t r_t)``."""
-    U_B, V_A, cores = core_space(factors)  # (out, k1), (in, k2), T x (k1, k2)
-    G = torch.stack(cores, dim=-1).double()  # k1 x k2 x T
-    norms = G.norm(dim=(0, 1))
-    if not bool(norms.max() > 0):  # every update is zero
-        return zero_update(factors)
-    R = min(rank, G.shape[0], G.shape[1])
-    F0, F1 = tucker2(G * rescale_slices(norms, float(beta)), R, n_iter_max=tucker_n_iter_max, tol=float(tucker_tol))
-    coords = [F0.T @ G[:, :, t] @ F1 for t in range(G.shape[2])]  # C_t = U0^T X_t U1
-    merged = merge_coordinates(coords, weights.double(), tucker_merge, density, majority_sign_method)
-    P, s, Qh = torch.linalg.svd(merged)
-    if not (s.numel() and s[0] > 0):
-        return zero_update(factors)
-    if isotropize:
-        s = flat_nonzero(s, factors[0].shape)
-    dtype = U_B.dtype
-    U, V = U_B @ F0.to(dtype) @ P.to(dtype), V_A @ F1.to(dtype) @ Qh.T.to(dtype)
-    U, V = svd_flip(U, V)
-    return balanced(U, s.to(dtype), V)
+) -> list[LoraFactors]:
+    """CtM's Tucker-2 merge of a batch of modules (equal shapes and ranks; ``weights`` (N, T)); output rank
+    ``<= min(rank, out, in, sum_t r_t)``. The core spaces are per module, the Tucker fit (:func:`hooi`) batched."""
+    spaces = [core_space(g) for g in groups]  # (out, k1), (in, k2), T x (k1, k2)
+    G = torch.stack([torch.stack(cores) for _, _, cores in spaces]).double()  # (N, T, k1, k2)
+    norms = G.norm(dim=(2, 3))  # (N, T)
+    R = min(rank, G.shape[2], G.shape[3])
+    scaled = G * torch.stack([rescale_slices(n, float(beta)) for n in norms])[:, :, None, None]
+    F0, F1 = hooi(scaled, R, n_iter_max=tucker_n_iter_max, tol=float(tucker_tol))
+    # tensorly's sign convention (svd_flip of each unfolding's singular vectors, i.e. of the lifted U0 and U1 on the
+    # full tensor): the largest-magnitude entry of each column of U0 = U_B F0 and of U1 = V_A F1 positive. TIES with
+    # majority_sign_method="frequency" is not equivariant to flipping a basis vector where a vote ties.
+    for n, (U_B, V_A, _) in enumerate(spaces):
+        F0[n] = svd_flip(U_B.double() @ F0[n], F0[n])[1]
+        F1[n] = svd_flip(V_A.double() @ F1[n], F1[n])[1]
+    C = F0[:, None].mT @ G @ F1[:, None]  # (N, T, R, R): C_t = U0^T X_t U1 of the raw updates
+    out = []
+    for n, (factors, (U_B, V_A, _)) in enumerate(zip(groups, spaces)):
+        if not bool(norms[n].max() > 0):  # every update is zero
+            out.append(zero_update(factors))
+            continue
+        merged = merge_coordinates(list(C[n]), weights[n].double(), tucker_merge, density, majority_sign_method)
+        P, s, Qh = torch.linalg.svd(merged)
+        if not (s.numel() and s[0] > 0):
+            out.append(zero_update(factors))
+            continue
+        if isotropize:
+            s = flat_nonzero(s, factors[0].shape)
+        dtype = U_B.dtype
+        U, V = U_B @ (F0[n] @ P).to(dtype), V_A @ (F1[n] @ Qh.T).to(dtype)
+        U, V = svd_flip(U, V)
+        out.append(balanced(U, s.to(dtype), V))
+    return out
