@@ -34,11 +34,22 @@ from peft_cp_merge.demo.tasks import Example
 logger = logging.getLogger("benchmarks.quality")
 
 PEFT_SVD_METHODS = ("svd", "ties_svd", "dare_ties_svd", "magnitude_prune_svd")
-PEFT_SLOW = ("ties_svd", "dare_ties_svd", "magnitude_prune_svd")  # dense top-k merges: 30-60 s each; rank r only
-OURS = ("tsv", "knots", "iso_c", "iso_cts", "core_ties")
+PEFT_SLOW = ("ties_svd", "dare_ties_svd", "magnitude_prune_svd")  # dense top-k merges: 30-60 s each
+MATRIX_OURS = ("tsv", "knots", "iso_c", "iso_cts", "core_ties", "core_tsv_iso", "dc_merge", "star", "lora_lego")
+OURS = MATRIX_OURS  # kept name: the matrix merges of this package (those not registered in a checkout are skipped)
+TENSOR_TYPES = ("cp", "tucker")  # tensor merges: grouped apart from the matrix merges in every table
 CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread",
-               "orth")
+               "orth", "orth_iso", "keep", "cts")
 CP_OPTIONS = {"ties": {"cp_density": 0.5}}  # the other variants' options keep their defaults (cp.py)
+EXTRA_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # method name -> (combination_type, options)
+    "cp/orth_iso+beta": ("cp", {"cp_variant": "orth_iso", "cp_beta": 0.25}),
+    "cp/keep+cover": ("cp", {"cp_variant": "keep", "cp_keep": "cover"}),
+    "tucker/sum": ("tucker", {"tucker_merge": "sum"}),
+    "tucker/iso": ("tucker", {"isotropize": True}),
+    "dc_merge/linear": ("dc_merge", {"smoothing": "linear"}),
+}
+"""Further configurations of registered methods, each with its own lambda search (the registry defaults are the
+plain method names)."""
 CP_HYPOTHESES = {  # written down before the first measurement (peft_cp_merge/methods/cp.py has the formulas)
     "weighted": "the least-squares CP reconstruction of the weighted sum (the seeds' merge)",
     "weighted+tasks": "CP needs more components than an SVD merge: R = T r / 2 from the tasks' own SVDs",
@@ -53,6 +64,15 @@ CP_HYPOTHESES = {  # written down before the first measurement (peft_cp_merge/me
     "spread": "the soft split: scale each component by T / its loading's participation number",
     "orth": "CP components overlap and double-count shared directions: polar-orthogonalise U and V, refit "
             "magnitudes to the weighted sum (as TSV whitens)",
+    "orth_iso": "orth plus a flat spectrum after the fit (isotropic merges win every table so far)",
+    "orth_iso+beta": "orth_iso on CtM's balanced task slices (beta 0.25): strong tasks no longer own the fit",
+    "keep": "fit K = sum r_t components, keep the R with the most loading energy, then orth_iso",
+    "keep+cover": "fit K = sum r_t components, keep R that cover every task's loadings, then orth_iso",
+    "cts": "CP analogue of Iso-CTS: shared CP components plus each task's strongest directions outside them, "
+           "polar, flat spectrum",
+    "tucker": "CtM: Tucker-2 of the core matrices at [R, R], TIES on the per-task R x R coordinates (beta 0.25)",
+    "tucker/sum": "CtM's Tucker-2 with task arithmetic on the coordinates instead of TIES",
+    "tucker/iso": "CtM's Tucker-2 with TIES and a flat spectrum of the merged core",
 }
 LINEAR_TOL = 1e-3
 
@@ -73,11 +93,16 @@ class MergeSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "method": self.method, "combination_type": self.combination_type,
                 "kwargs": self.kwargs, "out_rank": self.out_rank, "family": self.family,
-                "fixed_weight": self.fixed_weight}
+                "fixed_weight": self.fixed_weight, "tensor": self.is_tensor}
 
     @property
     def is_cp(self) -> bool:
         return self.combination_type == "cp"
+
+    @property
+    def is_tensor(self) -> bool:
+        """A tensor merge (CP or Tucker): grouped apart from the matrix merges; "best matrix merge" excludes it."""
+        return self.combination_type in TENSOR_TYPES
 
     @property
     def group(self) -> tuple:
@@ -97,53 +122,64 @@ def group_specs(specs: Sequence[MergeSpec]) -> list[list[MergeSpec]]:
 def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int],
                 methods: Sequence[str] | None = None) -> tuple[list[MergeSpec], list[dict[str, str]]]:
     """The merge configurations, and the methods skipped (with why). ``methods`` filters by method name
-    (``cp/weighted`` style names for the CP variants, or ``cp`` for all of them).
+    (``cp/weighted`` style names for the CP variants, ``cp`` for all of them, ``tucker`` for the Tucker ones).
 
-    PEFT: linear, cat, the svd types (the dense pruning ones at the first output rank only: 30-60 s per merge and
-    never better than ``svd`` at the first rank). Ours: tsv, knots, iso_c, iso_cts, core_ties at every output rank,
-    ``iso_c`` also at full rank T r (its paper's setting); every CP variant at the first output rank, ``cp/weighted``
-    at every output rank and with ``cp_init="tasks"`` at T r / 2; ``cp/authors`` as the authors ran it (rank 4,
-    random init, seed 42, every weight 1.0, no lambda search).
+    Output rank is an axis: every method runs at every rank in ``ranks`` it allows (the benchmark passes r, 2r and
+    sum r_t = T r by default): PEFT's svd types (the lower ranks are the leading triplets of the highest-rank merge,
+    so one dense merge per type), every matrix merge of this package that is registered, every CP variant and
+    ``tucker`` (with the extra configurations of ``EXTRA_CONFIGS``). Exceptions: PEFT ``linear`` has rank r and
+    ``cat`` rank T r (one row each); ``cp/authors`` runs as the authors ran it (rank 4, random init, seed 42, every
+    weight 1.0, no lambda search); ``cp/weighted+tasks`` at T r / 2.
     """
     from peft_cp_merge import list_merge_methods
     from peft_cp_merge.methods import get_merge_method
 
     registered = set(list_merge_methods(peft_only=True))
+    ranks = list(dict.fromkeys(ranks))
     specs: list[MergeSpec] = [
         MergeSpec(f"linear R={rank}", "linear", "linear", {}, rank),
         MergeSpec(f"cat R={n_adapters * rank}", "cat", "cat", {}, n_adapters * rank),
     ]
     for ct in PEFT_SVD_METHODS:
-        for R in ranks[:1] if ct in PEFT_SLOW else ranks:
+        for R in ranks:
             kw = {"svd_rank": R, "svd_full_matrices": False}
             if ct != "svd":
                 kw["density"] = density
             specs.append(MergeSpec(f"{ct} R={R}", ct, ct, kw, R, "peft", "svd_rank"))
     skipped = []
-    for name in OURS:
-        if name not in registered:
-            logger.warning("merge method %r is not registered with add_weighted_adapter in this checkout; skipping "
-                           "it (registered: %s)", name, sorted(registered))
-            skipped.append({"method": name, "reason": "not registered with add_weighted_adapter"})
+    configs: list[tuple[str, str, dict[str, Any]]] = [(n, n, {}) for n in MATRIX_OURS]
+    configs += [(n, ct, kw) for n, (ct, kw) in EXTRA_CONFIGS.items() if ct != "cp"]
+    configs.insert(len(MATRIX_OURS), ("tucker", "tucker", {}))
+    for name, ct, extra in configs:
+        if ct not in registered:
+            if name == ct:
+                logger.warning("merge method %r is not registered with add_weighted_adapter in this checkout; "
+                               "skipping it (registered: %s)", name, sorted(registered))
+                skipped.append({"method": name, "reason": "not registered with add_weighted_adapter"})
             continue
-        m = get_merge_method(name)
-        out_ranks = list(ranks) + ([n_adapters * rank] if name == "iso_c" else [])
-        for R in dict.fromkeys(out_ranks):
-            kw: dict[str, Any] = {m.rank_option: R}
-            if "density" in m.options:
+        m = get_merge_method(ct)
+        for R in ranks:
+            kw: dict[str, Any] = {m.rank_option: R, **extra}
+            if "density" in m.options and ct not in ("tucker", "dc_merge"):  # their own defaults are their papers'
                 kw["density"] = density
-            specs.append(MergeSpec(f"{name} R={R}", name, name, kw, R, "ours", m.rank_option))
+            specs.append(MergeSpec(f"{name} R={R}", name, ct, kw, R, "ours", m.rank_option))
     if "cp" in registered:
-        for v in CP_VARIANTS:
-            for R in ranks if v == "weighted" else ranks[:1]:
-                kw = {"cp_rank": R, "cp_variant": v, **CP_OPTIONS.get(v, {})}
+        available = set(get_merge_method("cp").choices.get("cp_variant", CP_VARIANTS))
+        cp_configs = [(f"cp/{v}", {"cp_variant": v, **CP_OPTIONS.get(v, {})}) for v in CP_VARIANTS if v in available]
+        cp_configs += [(n, kw) for n, (ct, kw) in EXTRA_CONFIGS.items() if ct == "cp" and kw["cp_variant"] in available
+                       and all(k in get_merge_method("cp").options for k in kw)]
+        for name, base_kw in cp_configs:
+            for R in ranks:
+                kw = {"cp_rank": R, **base_kw}
                 fixed = None
-                if v == "authors":  # as the authors' code ran it (ALGORITHMS.md section 2)
+                if name == "cp/authors":  # as the authors' code ran it (ALGORITHMS.md section 2)
+                    if R != ranks[0]:
+                        continue
                     R, fixed = 4, 1.0
                     kw.update(cp_rank=R, cp_init="random", cp_random_state=42)
-                elif v == "authors_v1":
+                elif name == "cp/authors_v1":
                     kw.update(cp_init="random", cp_random_state=42)
-                specs.append(MergeSpec(f"cp/{v} R={R}", f"cp/{v}", "cp", kw, R, "ours", "cp_rank", fixed))
+                specs.append(MergeSpec(f"{name} R={R}", name, "cp", kw, R, "ours", "cp_rank", fixed))
         half = max(1, n_adapters * rank // 2)
         specs.append(MergeSpec(f"cp/weighted+tasks R={half}", "cp/weighted+tasks", "cp",
                                {"cp_rank": half, "cp_variant": "weighted", "cp_init": "tasks"}, half, "ours",

@@ -41,7 +41,7 @@ def _table(data: dict, rows: list[str], summary: dict, extra: dict[str, str] | N
     tasks, heldout = data["tasks"], list(data.get("heldout_tasks", {}))
     comp = (comparison or {}).get("rows", {})
     hcomp = (heldout_comparison or {}).get("rows", {})
-    head = ["", "out rank", "seeds", *tasks, "mean", "normalized", "diff to best non-CP [95% CI]"]
+    head = ["", "out rank", "seeds", *tasks, "mean", "normalized", "diff to best matrix merge [95% CI]"]
     head += [*heldout, "held-out mean", "held-out diff [95% CI]"] if heldout else []
     head += ["lambda (per seed)"] if extra else []
     n_num = len(tasks) + 3 + (len(heldout) + 2 if heldout else 0)
@@ -53,7 +53,7 @@ def _table(data: dict, rows: list[str], summary: dict, extra: dict[str, str] | N
         sm = summary[label]
         seeds_n = len(sm["seeds"])
         ref = label in ((comparison or {}).get("reference"), (heldout_comparison or {}).get("reference"))
-        name = f"**{label}**" if label in REFERENCE_ROWS else f"{label} (best non-CP)" if ref else label
+        name = f"**{label}**" if label in REFERENCE_ROWS else f"{label} (best matrix merge)" if ref else label
         cells = [name, (rank_of or {}).get(label, ""), str(seeds_n)]
         cells += [_fmt(sm["per_task"][t], seeds_n) for t in tasks]
         cells += [_fmt(sm["mean"], seeds_n), _fmt(sm["normalized"], seeds_n), _ci(comp.get(label))]
@@ -68,7 +68,7 @@ def _table(data: dict, rows: list[str], summary: dict, extra: dict[str, str] | N
 
 def ablation_table(data: dict) -> list[str]:
     """The CP variants side by side: hypothesis, validation mean (first seed, at its chosen lambda), test mean +- std,
-    difference to the best non-CP merge with its interval, held-out mean and difference, merge time."""
+    difference to the best matrix merge with its interval, held-out mean and difference, merge time."""
     from benchmarks.quality.merging import CP_HYPOTHESES
 
     summary, comp = data["summary"], data.get("comparison", {})
@@ -81,12 +81,12 @@ def ablation_table(data: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in data["methods"]:
         label = m["label"]
-        if m["combination_type"] != "cp" or label not in summary:
+        if m["combination_type"] not in ("cp", "tucker") or label not in summary:
             continue
         run = data["merge_runs"].get(label, {}).get(first, {})
         curve = run.get("val_curve") or {}
         val = f"{max(c['mean'] for c in curve.values()):.3f}" if curve else "–"
-        variant = m["method"].split("/", 1)[1]
+        variant = m["method"].split("/", 1)[1] if m["method"].startswith("cp/") else m["method"]
         secs = [r["merge_seconds"] for r in data["merge_runs"].get(label, {}).values()]
         sm = summary[label]
         lines.append(f"| {label} | {CP_HYPOTHESES.get(variant, '')} | {val} | {_fmt(sm['mean'], n)} | "
@@ -106,6 +106,83 @@ def _tc_summary(data: dict, seeds: list[str]) -> dict[str, Any]:
         if sub:
             out[label] = _summary(sub, own, data["tasks"], list(data.get("heldout_tasks", {})))
     return out
+
+
+def _pt(sm: dict, own: dict, t: str) -> str:
+    """A per-task cell: raw exact match (mean over seeds) and, in parentheses, merged / own adapter."""
+    m = sm["per_task"].get(t, [float("nan")])[0]
+    if m is None or math.isnan(m):
+        return "–"
+    o = own.get("per_task", {}).get(t, [float("nan")])[0]
+    return f"{m:.2f} ({m / o:.2f})" if o and not math.isnan(o) and o > 0 else f"{m:.2f}"
+
+
+def rank_tables(data: dict, by_rank: dict, prefix: str = "", title: str = "") -> list[str]:
+    """One table per output rank, R = r first: the references, then the matrix merges, then the tensor merges at
+    that R (each group by test mean), with each merge's difference to the best matrix merge at the same R and its
+    paired 95% interval, in domain and on the held-out (unseen) tasks; per task raw (merged / own)."""
+    from benchmarks.quality.stats import is_tensor
+
+    summary, tasks = data["summary"], data["tasks"]
+    heldout = list(data.get("heldout_tasks", {}))
+    n = len(data["seeds"])
+    own = summary.get("own adapter", {})
+    methods = data.get("per_skill_methods" if prefix else "methods") or []
+    r = data["adapter_config"]["rank"]
+    out: list[str] = []
+    for R in sorted(by_rank, key=lambda x: (int(x) != r, int(x))):
+        comp, hcomp = by_rank[R].get("in_domain", {}), by_rank[R].get("heldout", {})
+        at = [m for m in methods if str(m.get("out_rank")) == R and prefix + m["label"] in summary]
+        if not at:
+            continue
+        key = lambda m: -summary[prefix + m["label"]]["mean"][0]  # noqa: E731
+        matrix = sorted((m for m in at if not is_tensor(m)), key=key)
+        tensor = sorted((m for m in at if is_tensor(m)), key=key)
+        ref = comp.get("reference", "?")
+        out += [f"### {title}R = {R}{' (= r)' if int(R) == r else ''}: best matrix merge {ref}", "",
+                "| merge | family | mean | normalized | diff to best matrix [95% CI] | "
+                + (f"{', '.join(heldout)} mean | held-out diff [95% CI] | " if heldout else "")
+                + " | ".join(tasks) + " |",
+                "|---|---|---:|---:|---:|" + ("---:|---:|" if heldout else "") + "---:|" * len(tasks)]
+        rows = [(x, "reference") for x in REFERENCE_ROWS if x in summary]
+        rows += [(prefix + m["label"], "matrix") for m in matrix] + [(prefix + m["label"], "tensor") for m in tensor]
+        for label, fam in rows:
+            sm = summary[label]
+            name = f"**{label}**" if fam == "reference" else f"{label} (best)" if label == ref else label
+            cells = [name, fam, _fmt(sm["mean"], n), _fmt(sm["normalized"], n), _ci(comp.get("rows", {}).get(label))]
+            if heldout:
+                cells += [_fmt(sm.get("heldout_mean", [float("nan")] * 2), n), _ci(hcomp.get("rows", {}).get(label))]
+            cells += [_pt(sm, own, t) for t in tasks]
+            out.append("| " + " | ".join(cells) + " |")
+        out += [""]
+    return out
+
+
+def decision_lines(data: dict) -> list[str]:
+    dec = data.get("decision")
+    if not dec:
+        return []
+    lines = ["## Decision rule and verdict", "", f"Rule (written into the benchmark before the test split was "
+             f"scored): {dec['rule']}.", ""]
+    v = dec.get("verdicts", {})
+    if not v:
+        return lines + ["No tensor merge at R = r in this run.", ""]
+    regimes = sorted({reg for x in v.values() for reg in x["regimes"]})
+    lines += ["| tensor merge (R = r) | " + " | ".join(f"{reg}: diff to best matrix [95% CI]" for reg in regimes)
+              + " | verdict in this run |", "|---|" + "---:|" * len(regimes) + "---|"]
+    for label, x in sorted(v.items(), key=lambda kv: -max(c["diff"] for c in kv[1]["regimes"].values())):
+        cells = []
+        for reg in regimes:
+            c = x["regimes"].get(reg)
+            cells.append(_ci(c) + f" vs {c['reference']}" if c else "")
+        verdict = ("wins here" if x["wins"] else "significantly worse here"
+                   if any(c["worse"] for c in x["regimes"].values()) else "no win (not separable or < 2 points)")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    winners = [label for label, x in v.items() if x["wins"]]
+    lines += ["", ("Tensor merges that meet the rule in this run: " + ", ".join(winners) + " (the rule also needs "
+                   "them not significantly worse in the other regimes' runs).") if winners else
+              "**No tensor merge meets the rule in this run.**", ""]
+    return lines
 
 
 def write_markdown(data: dict, path: Path) -> None:
@@ -138,16 +215,41 @@ def write_markdown(data: dict, path: Path) -> None:
         f"{proto['merge_evaluation']}. Metric: exact match (teacher-forced, equals greedy decoding; checked "
         f"below), mean ± {proto['std']}; normalized = {proto['normalized']}.",
         "",
-        "## Per-task adapters merged (test split)",
-        "",
     ]
+    if data.get("regime") == "sources":
+        ss = data["skill_sources"]
+        n_src = len(next(iter(ss.values()))["train"])
+        lines += [f"**Regime: sources** (CP Merging's premise). {len(ss)} skills x {n_src} data sources; each "
+                  "source teaches the skill with its own vocabulary, phrasing and answer format "
+                  "(`peft_cp_merge.demo.tasks.SKILL_SOURCES`); one adapter per (skill, source), all merged into one; "
+                  "each skill's unseen source is scored zero-shot (the held-out columns; its own-adapter reference is "
+                  "the mean of the skill's source adapters on it). Skills: " + "; ".join(
+                      f"{k}: trained on {', '.join(v['train'])}, unseen {v['unseen']}" for k, v in ss.items()) + ".",
+                  ""]
+    lines += decision_lines(data)
+    comp = data.get("comparison", {})
+    if comp.get("by_rank"):
+        lines += ["## Headline per output rank (all adapters merged into one; test split)", "",
+                  "Per output rank R, R = r first (one merged adapter as cheap as one input adapter): the "
+                  "references, the matrix merges, then the tensor merges (cp variants, tucker). Diff: mean test "
+                  "exact match minus that of the best matrix merge at the same R (highest test mean, the strongest "
+                  "baseline), paired bootstrap 95% interval over the same test prompts and seeds; **bold** when it "
+                  "excludes 0; fractions, not points. Per task: raw exact match (merged / own adapter).", ""]
+        lines += rank_tables(data, comp["by_rank"])
+    if comp.get("per_skill_by_rank"):
+        lines += ["## Single skill: each skill's source adapters merged alone (test split)", "",
+                  "Rows `per-skill: <merge>`: for every skill, its source adapters merged alone by the method (same "
+                  "lambda search, on that skill's validation prompts); each source and unseen source scored with "
+                  "its own skill's merge, so the rows cover the same prompts as the tables above.", ""]
+        lines += rank_tables(data, comp["per_skill_by_rank"], prefix="per-skill: ", title="single skill, ")
+    lines += ["## Per-task adapters merged (test split)", ""]
     rank_of = {m["label"]: str(m["out_rank"]) for m in data["methods"]}
     rank_of.update({"own adapter": str(cfg["rank"]), "joint adapter": str(cfg["rank"])})
     rows = list(REFERENCE_ROWS) + [m["label"] for m in data["methods"]]
     extra = {label: _lambda_cell(data, label) for label in rows}
     comp = data.get("comparison", {})
     lines += _table(data, rows, summary, extra, rank_of, comp.get("in_domain"), comp.get("heldout"))
-    lines += ["", f"Diff: mean test exact match minus that of the best non-CP merge "
+    lines += ["", f"Diff: mean test exact match minus that of the best matrix merge (any rank) "
               f"({comp.get('in_domain', {}).get('reference', '?')} in-domain, "
               f"{comp.get('heldout', {}).get('reference', '?')} held-out), {proto.get('interval', '')}; **bold** "
               "when the interval excludes 0. Held-out tasks (no adapter trained on them; the trained skills they "
@@ -208,6 +310,8 @@ def write_markdown(data: dict, path: Path) -> None:
               "| merge | linear in lambda? | " + " | ".join(f"lambda={x:g}" for x in proto["lambda_grid"]) + " |",
               "|---|---|" + "---:|" * len(proto["lambda_grid"])]
     for label, runs in data["merge_runs"].items():
+        if label not in data["linearity"]:  # single-skill runs ("<skill>: <merge>"): their lambda is in the JSON
+            continue
         first = runs.get(str(seeds[0]))
         if not first or not first.get("val_curve"):
             continue
@@ -292,14 +396,14 @@ def write_plot(data: dict, path: Path) -> None:
     means = [summary[label]["mean"][0] for label in all_rows]
     stds = [summary[label]["mean"][1] for label in all_rows]
     y = np.arange(len(all_rows))
-    colors = ["0.4" if label in REFERENCE_ROWS else "tab:red" if label.startswith(("cp/", "TC")) and "cp/" in label
+    colors = ["0.4" if label in REFERENCE_ROWS else "tab:red" if "cp/" in label or "tucker" in label
               else "tab:blue" for label in all_rows]
     ax2.barh(y, means, xerr=stds if len(data["seeds"]) > 1 else None, color=colors, capsize=2)
     ax2.set_yticks(y, all_rows, fontsize=7)
     ax2.invert_yaxis()
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("mean exact match over tasks (test)")
-    ax2.set_title("Every row: mean over tasks (grey: references, red: CP merges)")
+    ax2.set_title("Every row: mean over tasks (grey: references, red: tensor merges, blue: matrix merges)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -66,10 +66,11 @@ from benchmarks.quality.merging import (  # noqa: E402
     search_lambda,
     slice_adapter,
 )
+from benchmarks.quality.stats import by_rank, verdicts  # noqa: E402
 from benchmarks.quality.stats import compare as _compare  # noqa: E402
 from benchmarks.quality.stats import summarize as _summary  # noqa: E402
 from peft_cp_merge._io import atomic_write_text  # noqa: E402
-from peft_cp_merge.demo.tasks import HELD_OUT, TASKS, make_examples, make_splits  # noqa: E402
+from peft_cp_merge.demo.tasks import HELD_OUT, SKILL_SOURCES, TASKS, make_examples, make_splits  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -78,12 +79,24 @@ DEFAULT_TASKS = ["sort", "reverse", "count", "max", "record", "month"]
 QUICK_TASKS = ["reverse", "record", "month"]
 LAMBDAS = [0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0]
 FULL = dict(seeds=[0, 1, 2], steps=40, lr=5e-3, n_train=400, n_val=24, n_test=60, n_heldout=40, tc_k=[1],
-            rank_mults=[1, 2], lambdas=LAMBDAS, check_generate=4, check_linearity="cheap", targets=LLAMA_TARGETS,
+            rank_mults=["1", "2", "T"], lambdas=LAMBDAS, check_generate=4, check_linearity="cheap",
+            targets=LLAMA_TARGETS,
             heldout=list(HELD_OUT), methods=None)
-QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_heldout=4, tc_k=[1], rank_mults=[1],
+QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_heldout=4, tc_k=[1], rank_mults=["1"],
              lambdas=[1.0, 3.0], check_generate=2, check_linearity="all", targets=["q_proj", "v_proj", "down_proj"],
              heldout=["record_swap"], methods=["linear", "svd", "ties_svd", "tsv", "iso_c", "iso_cts", "core_ties",
                                                "cp/weighted", "cp/authors", "cp/split", "cp/orth"])
+
+# the `sources` regime (CP Merging's premise): one adapter per (skill, data source); the TC-LoRA part is the
+# `library` regime's, not run here
+SOURCES_FULL = dict(tc_k=[0], heldout=None, n_heldout=None)
+SOURCES_QUICK = dict(tc_k=[0], heldout=None, n_heldout=None, skills=["reverse", "lookup"], sources_per_skill=2,
+                     methods=["linear", "svd", "tsv", "iso_c", "cp/weighted", "cp/orth_iso", "tucker"])
+OUT_NAMES = {"tasks": "quality", "sources": "quality_sources", "library": "quality_library"}
+DECISION_RULE = ("a tensor merge (a cp variant or tucker) wins if, at output rank R = r, it beats the best matrix "
+                 "merge at the same R by >= 2 points of mean test exact match with the paired 95% interval "
+                 "excluding 0 in at least one regime, and is not significantly worse (interval entirely below 0) "
+                 "than the best matrix merge at R = r in any regime; fixed before the test split was scored")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,6 +104,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="Hub id or local path (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="3 tasks, 1 seed, fewer steps and examples (smoke run)")
+    p.add_argument("--regime", choices=sorted(OUT_NAMES), default="tasks",
+                   help="tasks: one adapter per task (nearly disjoint skills); sources: one adapter per (skill, data "
+                        "source), scored on every source and one unseen source per skill, plus each skill's adapters "
+                        "merged alone; library: TC-LoRA's protocol (not built yet)")
+    p.add_argument("--skills", nargs="+", choices=sorted(SKILL_SOURCES), default=None,
+                   help=f"sources regime: the skills (default {' '.join(SKILL_SOURCES)}; quick: reverse lookup)")
+    p.add_argument("--sources-per-skill", type=int, default=None,
+                   help="sources regime: training sources per skill (default 3, the most; quick 2)")
+    p.add_argument("--single-skill", choices=["all", "first", "none"], default="all",
+                   help="sources regime: merge each skill's adapters alone too, on every seed (all), the first seed "
+                        "(first) or not (none)")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None,
                    help=f"default: {' '.join(DEFAULT_TASKS)} (quick: {' '.join(QUICK_TASKS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
@@ -105,7 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 400)")
     p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 24)")
     p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 60)")
-    p.add_argument("--heldout", nargs="*", choices=sorted(HELD_OUT), default=None,
+    p.add_argument("--heldout", nargs="*", choices=sorted(set(HELD_OUT) | {u for _, u in SKILL_SOURCES.values()}),
+                   default=None,
                    help=f"held-out tasks, evaluated zero-shot (default: {' '.join(HELD_OUT)})")
     p.add_argument("--n-heldout", type=int, default=None, help="test examples per held-out task (default 40)")
     p.add_argument("--lambdas", type=float, nargs="+", default=None,
@@ -113,8 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{' '.join(f'{x:g}' for x in LAMBDAS)})")
     p.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples of the test prompts")
     p.add_argument("--density", type=float, default=0.5, help="density of ties/dare/magnitude_prune/knots")
-    p.add_argument("--rank-mults", type=int, nargs="+", default=None,
-                   help="output ranks as multiples of r for methods with an output rank (default 1 2)")
+    p.add_argument("--rank-mults", nargs="+", default=None,
+                   help="output ranks as multiples of r, or T for sum r_t = T r (default 1 2 T; quick 1): every "
+                        "method at every rank it allows")
     p.add_argument("--methods", nargs="+", default=None,
                    help="only these methods (linear cat svd ties_svd dare_ties_svd magnitude_prune_svd tsv knots "
                         "iso_c iso_cts core_ties cp or cp/<variant>)")
@@ -143,10 +169,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="adapter cache (keyed by a hash of the training config)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
+    if args.regime == "library":
+        p.error("--regime library (TC-LoRA's protocol: a pooled mixture of >= 16 tasks clustered at k = 4 and 8, "
+                "held-out formats, composed skills, Arrow routing) is not built yet; run --regime tasks (which has "
+                "the TC-LoRA pipeline at k = T) or --regime sources")
     defaults = QUICK if args.quick else FULL
+    if args.regime == "sources":
+        defaults = {**defaults, **(SOURCES_QUICK if args.quick else SOURCES_FULL)}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
+    for mult in args.rank_mults:
+        if mult != "T" and not (mult.isdigit() and int(mult) > 0):
+            p.error(f"--rank-mults: {mult!r} is neither a positive integer nor T")
+    args.skill_sources = {}
+    if args.regime == "sources":
+        if args.tasks is not None:
+            p.error("--tasks is for --regime tasks; the sources regime's tasks are --skills x --sources-per-skill")
+        skills = args.skills or list(SKILL_SOURCES)
+        n_src = args.sources_per_skill or 3
+        if not 1 <= n_src <= min(len(SKILL_SOURCES[k][0]) for k in skills):
+            p.error(f"--sources-per-skill must be between 1 and {min(len(SKILL_SOURCES[k][0]) for k in skills)}")
+        args.skill_sources = {k: (list(SKILL_SOURCES[k][0][:n_src]), SKILL_SOURCES[k][1]) for k in skills}
+        args.tasks = [t for k in skills for t in args.skill_sources[k][0]]
+        if args.heldout is None:
+            args.heldout = [args.skill_sources[k][1] for k in skills]
+        if args.n_heldout is None:
+            args.n_heldout = args.n_test
     if args.tasks is None:
         args.tasks = QUICK_TASKS if args.quick else DEFAULT_TASKS
     if args.joint_steps is None:
@@ -157,6 +206,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
+
+
+def output_ranks(mults: list[str], r: int, T: int) -> list[int]:
+    """The output ranks, ascending and distinct: each multiple of r, or ``T`` for sum r_t = T r."""
+    return sorted({T * r if m == "T" else int(m) * r for m in mults})
 
 
 def _versions() -> dict[str, str]:
@@ -297,7 +351,7 @@ def main(argv=None) -> dict:
     clock = Clock()
     t_start = time.perf_counter()
     tasks, seeds, T, r = list(args.tasks), list(args.seeds), len(args.tasks), args.rank
-    ranks = [m * r for m in args.rank_mults]
+    ranks = output_ranks(args.rank_mults, r, T)
     lambdas = [float(x) for x in args.lambdas]
     ref_seeds = seeds[: args.ref_seeds]
     logger.info("quality benchmark: %d tasks %s, seeds %s (joint + TC-LoRA on %s), r=%d, output ranks %s, lambda "
@@ -335,13 +389,14 @@ def main(argv=None) -> dict:
     hits: dict[str, dict[int, dict[str, str]]] = {"base model": {s: pack_hits(base_hits) for s in seeds}}
     modes: dict[str, dict] = {}
     checks: dict[str, Any] = {"generate": []}
+    skill_refs: dict[str, dict[int, dict[str, float]]] = {}  # unseen source -> seed -> {source adapter: accuracy}
     adapter_info: dict[int, dict] = {}
     tc: dict[str, Any] = {"seeds": ref_seeds, "runs": {}}
     first = seeds[0]
     state = dict(args=args, tasks=tasks, heldout=heldout, hits=hits, seeds=seeds, specs=specs, skipped=skipped,
                  modes=modes, results=results,
                  merge_runs=merge_runs, adapter_info=adapter_info, checks=checks, tc=tc, clock=clock,
-                 t_start=t_start, cfg=cfg)
+                 t_start=t_start, cfg=cfg, skill_refs=skill_refs)
 
     for seed in seeds:
         t0 = time.perf_counter()
@@ -352,6 +407,12 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         own_hits = {t: evaluate_hits(pm, tok, t, {t: test[t]}, args.eval_batch_size)[t] for t in tasks}
         results["own adapter"][seed] = accuracies(own_hits)
+        for srcs, unseen in args.skill_sources.values():  # an unseen source has no adapter of its own:
+            if unseen in test:  # its reference is the mean of the skill's source adapters on it
+                accs = accuracies({t: evaluate_hits(pm, tok, t, {unseen: test[unseen]}, args.eval_batch_size)[unseen]
+                                   for t in srcs})
+                results["own adapter"][seed][unseen] = sum(accs.values()) / len(accs)
+                skill_refs.setdefault(unseen, {})[seed] = accs
         hits.setdefault("own adapter", {})[seed] = pack_hits(own_hits)
         if seed in ref_seeds:
             joint_hits = evaluate_hits(pm, tok, "joint", test, args.eval_batch_size)
@@ -390,6 +451,9 @@ def main(argv=None) -> dict:
             pm.delete_adapter("merged_cp")
             clock.add("generate_check", time.perf_counter() - t0)
 
+        if args.skill_sources and (args.single_skill == "all" or args.single_skill == "first" and seed == first):
+            _run_single_skill(pm, tok, args, seed, first, val, test, lambdas, modes, checks, clock, results, hits,
+                              merge_runs, progress)
         if seed in ref_seeds and args.tc_k:
             _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, lambdas, results, hits, tc,
                     clock, selected_cp(specs, merge_runs, first))
@@ -397,6 +461,37 @@ def main(argv=None) -> dict:
         if seed != seeds[-1]:
             _write(**state, partial=True)
     return _write(**state, partial=False)
+
+
+def _run_single_skill(pm, tok, args, seed: int, first: int, val, test, lambdas, modes, checks, clock, results,
+                      hits, merge_runs, progress: bool) -> None:
+    """The single-skill case of the sources regime: each skill's source adapters merged alone (the same methods,
+    output ranks r, 2r, ... up to that skill's sum r_t, the same lambda search on that skill's validation prompts,
+    first seed, reused on the others), scored on the skill's sources and its unseen source. Rows ``per-skill:
+    <label>`` hold every skill's sources (each from its own skill's merge), so they compare with the all-skills
+    merge on the same test prompts; runs are stored as ``merge_runs["<skill>: <label>"]``."""
+    from tqdm.auto import tqdm
+
+    r = args.rank
+    for skill, (srcs, unseen) in args.skill_sources.items():
+        if len(srcs) < 2:
+            continue
+        specs, _ = build_specs(r, len(srcs), args.density, output_ranks(args.rank_mults, r, len(srcs)), args.methods)
+        sub_val = {t: val[t] for t in srcs}
+        sub_test = {t: test[t] for t in [*srcs, unseen] if t in test}
+        for group in tqdm(group_specs(specs), desc=f"{skill} alone, seed {seed}", disable=not progress):
+            fixed = None
+            if not (args.search_seeds == "all" or seed == first):
+                fixed = merge_runs.get(f"{skill}: {group[0].label}", {}).get(first, {}).get("lambda")
+                fixed = lambdas[0] if fixed is None else fixed
+            runs = _run_group(pm, tok, group, srcs, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
+                              checks=checks, check=seed == first, val=sub_val, test=sub_test, args=args, clock=clock,
+                              prefix="skill_")
+            for label, run in runs.items():
+                row = f"per-skill: {label}"
+                hits.setdefault(row, {}).setdefault(seed, {}).update(run.pop("hits"))
+                results.setdefault(row, {}).setdefault(seed, {}).update(run["test"])
+                merge_runs.setdefault(f"{skill}: {label}", {})[seed] = run
 
 
 def selected_cp(specs: list[MergeSpec], merge_runs: dict[str, dict[int, dict]], seed: int) -> MergeSpec | None:
@@ -454,7 +549,7 @@ def _run_tc(pm, tok, train, val, test, cfg, args, seed, specs, modes, checks, la
 
 
 def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results, merge_runs, adapter_info, checks,
-           tc, clock, t_start, cfg, partial: bool) -> dict:
+           tc, clock, t_start, cfg, skill_refs, partial: bool) -> dict:
     from dataclasses import asdict
 
     from benchmarks.quality.report import write_markdown, write_plot
@@ -462,15 +557,34 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
     own = results["own adapter"]
     summary = {label: _summary(per_seed, own, tasks, heldout) for label, per_seed in results.items() if per_seed}
     merges = [s.label for s in specs]
-    non_cp = [s.label for s in specs if not s.is_cp]
+    non_cp = [s.label for s in specs if not s.is_tensor]  # the matrix merges
     tc_labels = [label for label in hits if label.startswith("TC ")]
-    tc_non_cp = [label for label in tc_labels if "cp/" not in label]
+    tc_non_cp = [label for label in tc_labels if "cp/" not in label and "tucker" not in label]
     comparison = {
         "in_domain": _compare(hits, summary, merges, non_cp, tasks, "mean", args.bootstrap),
         "heldout": _compare(hits, summary, merges, non_cp, heldout, "heldout_mean", args.bootstrap),
         "tc_in_domain": _compare(hits, summary, tc_labels, tc_non_cp, tasks, "mean", args.bootstrap),
         "tc_heldout": _compare(hits, summary, tc_labels, tc_non_cp, heldout, "heldout_mean", args.bootstrap),
     }
+    method_dicts = [s.to_dict() for s in specs]
+    comparison["by_rank"] = by_rank(hits, summary, method_dicts, tasks, heldout, args.bootstrap)
+    per_skill_methods: list[dict] = []
+    if any(label.startswith("per-skill: ") for label in summary):
+        seen: set[str] = set()
+        for srcs, _ in args.skill_sources.values():
+            for s in build_specs(args.rank, len(srcs), args.density,
+                                 output_ranks(args.rank_mults, args.rank, len(srcs)), args.methods)[0]:
+                if s.label not in seen:
+                    seen.add(s.label)
+                    per_skill_methods.append(s.to_dict())
+        comparison["per_skill_by_rank"] = by_rank(hits, summary, per_skill_methods, tasks, heldout, args.bootstrap,
+                                                  prefix="per-skill: ")
+    r_key = str(args.rank)
+    decision_inputs = {args.regime: comparison["by_rank"].get(r_key, {}).get("in_domain", {})}
+    if "per_skill_by_rank" in comparison:
+        decision_inputs[f"{args.regime} (single skill)"] = comparison["per_skill_by_rank"].get(r_key, {}).get(
+            "in_domain", {})
+    decision = {"rule": DECISION_RULE, "rank": args.rank, "margin": 0.02, "verdicts": verdicts(decision_inputs)}
     wall = {k: round(v, 1) for k, v in clock.t.items()}
     wall["total"] = round(time.perf_counter() - t_start, 1)
     data = {
@@ -486,7 +600,10 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
         "platform": platform.platform(),
         "versions": _versions(),
         "tasks": tasks,
-        "heldout_tasks": {t: list(HELD_OUT[t]) for t in heldout},
+        "regime": args.regime,
+        "skill_sources": {k: {"train": v[0], "unseen": v[1]} for k, v in args.skill_sources.items()},
+        "heldout_tasks": {t: list(HELD_OUT.get(t, ())) or next((v[0] for v in args.skill_sources.values()
+                                                                if v[1] == t), []) for t in heldout},
         "seeds": seeds,
         "data": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "n_heldout": args.n_heldout,
                  "data_seed": 0},
@@ -505,7 +622,7 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
                                  "scale (see linearity); a real merge per lambda otherwise; PEFT *_svd at rank r = "
                                  "the leading r singular triplets of the rank-2r merge (see svd_slice_check)"),
             "density": args.density,
-            "output_ranks": [m * args.rank for m in args.rank_mults],
+            "output_ranks": output_ranks(args.rank_mults, args.rank, len(tasks)),
             "std": "sample standard deviation over seeds (0 for one seed)",
             "interval": ("difference to the best non-CP merge (highest test mean), paired bootstrap 95% interval "
                          f"over the test prompts ({args.bootstrap} resamples, same prompts for both methods and "
@@ -518,7 +635,10 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
             "tc_steps": "each library trains T * steps optimizer steps in total, ceil(T * steps / k) per cluster",
             "joint_steps": "T * steps by default: the same total steps as the T per-task adapters",
         },
-        "methods": [s.to_dict() for s in specs],
+        "methods": method_dicts,
+        "per_skill_methods": per_skill_methods,
+        "decision": decision,
+        "unseen_source_references": {t: {str(s): v for s, v in per.items()} for t, per in skill_refs.items()},
         "skipped_methods": skipped,
         "linearity": modes,
         "results": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in results.items()},
@@ -533,10 +653,11 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
         "wall_seconds": wall,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "quality.json", json.dumps(data, indent=1, default=str) + "\n")
-    write_markdown(data, args.out / "quality.md")
-    write_plot(data, args.out / "quality.png")
-    logger.info("wrote %s (%s, %.0fs so far)", args.out / "quality.md", data["status"], wall["total"])
+    stem = OUT_NAMES[args.regime]
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(data, indent=1, default=str) + "\n")
+    write_markdown(data, args.out / f"{stem}.md")
+    write_plot(data, args.out / f"{stem}.png")
+    logger.info("wrote %s (%s, %.0fs so far)", args.out / f"{stem}.md", data["status"], wall["total"])
     return data
 
 

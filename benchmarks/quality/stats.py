@@ -39,7 +39,7 @@ def summarize(per_seed: dict[int, dict[str, float]], own: dict[int, dict[str, fl
 
 
 def compare(hits: dict[str, dict], summary: dict, labels: list[str], references: list[str], tasks: list[str],
-            key: str, n_resamples: int) -> dict[str, Any]:
+            key: str, n_resamples: int, tensor_labels: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
     """Each of ``labels`` against the best of ``references`` (highest ``summary[...][key]`` mean on test: the
     strongest baseline, which is conservative for the others): the mean difference over the common seeds and its
     paired bootstrap 95% interval over the test prompts of ``tasks``."""
@@ -59,5 +59,49 @@ def compare(hits: dict[str, dict], summary: dict, labels: list[str], references:
         cells_a = [[c == "1" for c in hits[label][s][t]] for s in seeds for t in tasks]
         cells_b = [[c == "1" for c in hits[best][s][t]] for s in seeds for t in tasks]
         out["rows"][label] = {**paired_difference(cells_a, cells_b, n_resamples=n_resamples),
-                              "seeds": [int(s) for s in seeds]}
+                              "seeds": [int(s) for s in seeds], "tensor": label in tensor_labels}
+    return out
+
+
+TENSOR_TYPES = ("cp", "tucker")
+
+
+def is_tensor(method: dict) -> bool:
+    """A method record of the JSON (``methods`` list) is a tensor merge (CP or Tucker)."""
+    return bool(method.get("tensor", method["combination_type"] in TENSOR_TYPES))
+
+
+def by_rank(hits: dict[str, dict], summary: dict, methods: list[dict], tasks: list[str], heldout: list[str],
+            n_resamples: int, prefix: str = "") -> dict[str, dict]:
+    """Per output rank R: every merge at R against the best *matrix* merge at the same R (highest test mean), in
+    domain and on the held-out tasks; ``prefix`` selects derived rows (``"per-skill: "``). Works on any record that
+    stores per-prompt hits, so older JSON files can be re-read at matched rank."""
+    out: dict[str, dict] = {}
+    for R in sorted({m["out_rank"] for m in methods if m.get("out_rank")}):
+        at = [m for m in methods if m.get("out_rank") == R and prefix + m["label"] in summary]
+        labels = [prefix + m["label"] for m in at]
+        refs = [prefix + m["label"] for m in at if not is_tensor(m)]
+        tensor = {prefix + m["label"] for m in at if is_tensor(m)}
+        out[str(R)] = {"in_domain": compare(hits, summary, labels, refs, tasks, "mean", n_resamples, tensor),
+                       "heldout": compare(hits, summary, labels, refs, heldout, "heldout_mean", n_resamples, tensor)
+                       if heldout else {}}
+    return out
+
+
+def verdicts(records: dict[str, dict], rank: int | None = None, margin: float = 0.02) -> dict[str, dict]:
+    """The decision rule over regimes: ``records`` maps a regime name to its ``by_rank`` result at R = ``rank``
+    (``{"in_domain": compare(...)}``). For each tensor row: per regime its difference and interval to the best
+    matrix merge, ``win`` (diff >= margin, interval above 0), ``worse`` (interval below 0); ``wins`` if it wins in at
+    least one regime and is significantly worse in none."""
+    out: dict[str, dict] = {}
+    for regime, comp in records.items():
+        for label, row in comp.get("rows", {}).items():
+            if not row.get("tensor"):
+                continue
+            cell = {"diff": row["diff"], "low": row["low"], "high": row["high"], "reference": comp["reference"],
+                    "win": row["diff"] >= margin and row["low"] > 0, "worse": row["high"] < 0}
+            out.setdefault(label, {"regimes": {}})["regimes"][regime] = cell
+    for v in out.values():
+        cells = v["regimes"].values()
+        v["wins"] = any(c["win"] for c in cells) and not any(c["worse"] for c in cells)
     return out

@@ -172,3 +172,95 @@ def make_splits(
     """``{task: {"train": [...], "validation": [...], "test": [...]}}`` for every task."""
     sizes = {"train": n_train, "validation": n_val, "test": n_test}
     return {t: {s: make_examples(t, n, split=s, seed=seed) for s, n in sizes.items()} for t in tasks}
+
+
+# --- one skill, several data sources (the quality benchmark's `sources` regime) -----------------------------------
+# Each source teaches the same skill with its own vocabulary, phrasing and answer format (CP Merging's premise:
+# "LoRA adapters trained on different data sources for a specific task"). The last source of each skill is unseen:
+# no adapter is trained on it, it is scored zero-shot.
+
+COLORS = ("red blue green black white brown pink gray olive navy teal amber coral ivory lilac beige mauve ochre "
+          "azure khaki").split()
+ANIMALS = ("cat dog owl fox bee eel ant yak elk hen cow pig rat bat emu ape cod ram jay koi").split()
+PRODUCTS = ("lamp desk sofa mug kettle chair shelf clock rug vase stool fan").split()
+PETS = ("dog cat parrot hamster rabbit turtle goldfish ferret").split()
+
+
+def _rev_colors(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(COLORS, 3)
+    return f"Reverse this list of colors: {', '.join(xs)} =>", " " + ", ".join(xs[::-1])
+
+
+def _rev_pylist(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(ANIMALS, 3)
+    return f"items = {xs!r}\nreversed:", f" {xs[::-1]!r}"
+
+
+def _rev_cities(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(CITIES, 3)
+    return f"Cities in reverse order: {' / '.join(xs)} ->", " " + " / ".join(xs[::-1])
+
+
+def _look_json(r: random.Random) -> tuple[str, str]:
+    rec = {"title": r.choice(WORDS), "year": str(r.randint(1950, 2024)), "author": r.choice(NAMES)}
+    key = r.choice(sorted(rec))
+    body = ", ".join(f'"{k}": "{v}"' for k, v in rec.items())
+    return f"{{{body}}}\nValue of {key}:", f" {rec[key]}"
+
+
+def _look_pipe(r: random.Random) -> tuple[str, str]:
+    rec = {"product": r.choice(PRODUCTS), "price": str(r.randint(5, 500)), "color": r.choice(COLORS)}
+    key = r.choice(sorted(rec))
+    return " | ".join(f"{k}: {v}" for k, v in rec.items()) + f"\nQ: {key}\nA:", f" {rec[key]}"
+
+
+def _look_xml(r: random.Random) -> tuple[str, str]:
+    rec = {"kind": r.choice(PETS), "age": str(r.randint(1, 19)), "owner": r.choice(NAMES)}
+    key = r.choice(sorted(rec))
+    return "<pet>" + "".join(f"<{k}>{v}</{k}>" for k, v in rec.items()) + f"</pet>\n{key} =", f" {rec[key]}"
+
+
+def _max_which(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return f"Which is biggest: {', '.join(map(str, xs))}?", f" {max(xs)}"
+
+
+def _max_scores(r: random.Random) -> tuple[str, str]:
+    names = r.sample(NAMES, 3)
+    pts = r.sample(range(1, 60), 3)
+    body = ", ".join(f"{n} {p}" for n, p in zip(names, pts))
+    return f"Scores: {body}. Top scorer:", f" {names[pts.index(max(pts))]}"
+
+
+def _max_call(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return f"max({list(xs)!r}) =", f" {max(xs)}"
+
+
+SOURCE_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "rev_words": _reverse,
+    "rev_colors": _rev_colors,
+    "rev_pylist": _rev_pylist,
+    "rev_cities": _rev_cities,
+    "look_record": _record,
+    "look_json": _look_json,
+    "look_pipe": _look_pipe,
+    "look_xml": _look_xml,
+    "max_numbers": _max,
+    "max_which": _max_which,
+    "max_scores": _max_scores,
+    "max_call": _max_call,
+}
+"""The ``sources`` tasks: ``<skill>_<source>`` -> generator (``rev_words`` / ``look_record`` / ``max_numbers`` are
+``reverse`` / ``record`` / ``max`` under the names of their skill)."""
+
+SKILL_SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
+    "reverse": (("rev_words", "rev_colors", "rev_pylist"), "rev_cities"),
+    "lookup": (("look_record", "look_json", "look_pipe"), "look_xml"),
+    "max": (("max_numbers", "max_which", "max_scores"), "max_call"),
+}
+"""Skill -> (its training sources, its unseen source). Sources of one skill differ in vocabulary (words, colors,
+animals, cities; people, books, products, pets; bare numbers, named scores), phrasing and answer format (space- or
+comma-separated, a Python list, a slash list; a bare value; a number or a name)."""
+
+TASKS.update(SOURCE_TASKS)
