@@ -448,16 +448,22 @@ def test_ctrl_c_is_one_line_and_exit_130(sources, tmp_path, capsys, monkeypatch)
         real(self, folder)
         raise KeyboardInterrupt
 
+    def run(argv):
+        capsys.readouterr()
+        try:
+            rc = cli_main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped the command line (a traceback for the user)")
+        return rc, capsys.readouterr().err
+
     monkeypatch.setattr(MergedAdapter, "_write", interrupted)
-    capsys.readouterr()
-    rc = cli_main(["merge", *map(str, sources), "--out", str(tmp_path / "x" / "out"), "--rank", "2", "--no-progress"])
-    err = capsys.readouterr().err
+    rc, err = run(["merge", *map(str, sources), "--out", str(tmp_path / "x" / "out"), "--rank", "2", "--no-progress"])
     assert rc == 130 and err == "interrupted; nothing written\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, temp folder, lock or parent folder
     # while reading the sources
     monkeypatch.setattr(engine, "index_modules", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    rc = cli_main(["merge", *map(str, sources), "--out", str(tmp_path / "out"), "--rank", "2", "--no-progress"])
-    assert rc == 130 and capsys.readouterr().err == "interrupted; nothing written\n"
+    rc, err = run(["merge", *map(str, sources), "--out", str(tmp_path / "out"), "--rank", "2", "--no-progress"])
+    assert rc == 130 and err == "interrupted; nothing written\n"
 
 
 @pytest.mark.parametrize("blank", ["", "   "])
