@@ -16,7 +16,7 @@ so that uniform ``w_t = alpha`` gives the official merge (for ``lora_lego``: up 
    threshold ties kept; official 0.1%), elect each entry's sign from the sum of the pruned ``M_t``, mean of the
    agreeing entries (zero where the sum is zero), each multiplied by its ``w_t``; then the block-diagonal mask:
    task t keeps only its own ``r_t x r_t`` block (its columns of ``U*`` and ``V*``).
-4. ``dW = U* M V*^T``, truncated to ``R`` through the SVD of the small ``M``.
+4. ``dW = U* M V*^T``, truncated to ``R`` through its exact SVD from the factors ``U* M`` and ``V*``.
 
 Deviations: the official per-task rank is a constant 16 (the LoRA rank of its experiments); here each task keeps its
 non-zero singular triplets (``r_t``), and the blocks follow the tasks' own ranks. With 0.1% of a (T r) x (T r) core
@@ -244,6 +244,7 @@ def lora_lego_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: 
     """LoRA-LEGO of one module's adapters: ``min(rank, N)`` clusters of the N rank-1 units (module docstring)."""
     try:
         from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
     except ImportError:  # pragma: no cover - scikit-learn ships with the [library] extra
         raise MergeInputError("lora_lego needs scikit-learn: pip install 'peft-cp-merge[library]' "
                               "(or pip install scikit-learn).") from None
@@ -254,7 +255,8 @@ def lora_lego_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: 
     N = units.shape[0]
     R = min(rank, N)
     data = units.double().cpu().numpy()
-    km = KMeans(n_clusters=R, n_init=lego_n_init, random_state=lego_random_state).fit(data)
+    with threadpool_limits(1):  # a few dozen points: OpenMP threads cost 10x on 2 busy cores
+        km = KMeans(n_clusters=R, n_init=lego_n_init, random_state=lego_random_state).fit(data)
     centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float64)
     labels = torch.as_tensor(km.labels_)
     cpu = units.double().cpu()
