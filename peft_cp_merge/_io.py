@@ -360,7 +360,7 @@ library's ``library.json`` has ``"written_by": {"tool": "peft-cp-merge", "kind":
 fields, never a file name alone, let ``overwrite`` replace a folder."""
 MARKER_FIELD = "written_by"
 KINDS = {"merged-adapter": "a merged adapter", "adapter-library": "an adapter library"}
-_TEMP_FILE = r"\.tmp[-.].*"  # leftovers of the atomic writers
+_TEMP_FILE = r"\.tmp[-.].*|\..+\.peft-cp-merge\.lock|\.peft-cp-merge-probe-.*"  # leftovers of the writers and locks
 _KIND_FILES = {
     "merged-adapter": re.compile(rf"adapter_config\.json|adapter_model\.safetensors|README\.md|{_TEMP_FILE}"),
     "adapter-library": re.compile(rf"library\.json|centroids\.safetensors|clusters\.png|README\.md|cluster_\d+|\.run|"
