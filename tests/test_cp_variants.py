@@ -54,8 +54,13 @@ def _dense_keep(fs, w, rank, fit_rank, how):
     X, Y = _stack(fs), sum(wt * f.delta() for wt, f in zip(w, fs))
     lam, c, U, V = _dense_cp(X, fit_rank)
     a = w[:, None] * c * lam  # (T, K): w_t lambda_r c_tr
-    if how == "energy":
-        keep = torch.argsort(a.sum(0).abs(), descending=True)[:rank].tolist()
+    if how in ("energy", "agreement", "shared"):
+        score = a.sum(0).abs()
+        if how == "agreement":  # energy times sign agreement |sum_t a| / sum_t |a|
+            score = score * score / a.abs().sum(0)
+        elif how == "shared":  # energy times the normalised participation number (sum_t |c_t|)^2 / T
+            score = score * c.abs().sum(0) ** 2 / len(fs)
+        keep = torch.argsort(score, descending=True)[:rank].tolist()
     else:  # cover: tasks by |w_t| |X_t| in turn, each its strongest remaining component
         order = torch.argsort(w.abs() * X.flatten(1).norm(dim=1), descending=True).tolist()
         keep = []
@@ -112,7 +117,7 @@ def test_orth_iso_equals_dense(rank):
     assert float(S.max() - S.min()) < 1e-8 * float(S.max())  # isotropic
 
 
-@pytest.mark.parametrize("how", ["energy", "cover"])
+@pytest.mark.parametrize("how", ["energy", "cover", "agreement", "shared"])
 @pytest.mark.parametrize("rank,fit_rank", [(2, 5), (3, 0), (4, 6)])
 def test_keep_equals_dense(how, rank, fit_rank):
     fs = _factors([2, 3, 3], seed=1)
@@ -138,6 +143,32 @@ def test_keep_at_its_own_rank_is_orth_iso_and_the_choice_matters():
         return float((U[:, :3].T @ (m.B @ m.A) @ Vh[:3].T).norm() / (m.B @ m.A).norm())
 
     assert weak_share(cover) > 1.5 * weak_share(energy)
+
+
+def test_keep_criteria_on_planted_components():
+    """Three orthogonal rank-1 components, an exact CP of rank 3: P in every task with loadings (3, 3, -2.5), Q only
+    in task 0 (3), S only in task 1 (4); weights 1/3. Energies |sum_t a|: S 4/3, P 7/6, Q 1; agreement scores
+    (energy * |sum a| / sum |a|): S 4/3, Q 1, P 0.48; shared scores (energy * (sum |c|)^2 / T): P 1.16, S 0.44,
+    Q 0.33. So at R = 1 energy keeps S and shared keeps P; at R = 2 energy keeps {S, P} and agreement {S, Q}."""
+    g = torch.Generator().manual_seed(0)
+    Uo = torch.linalg.qr(torch.randn(14, 3, generator=g, dtype=torch.float64))[0]
+    Vo = torch.linalg.qr(torch.randn(11, 3, generator=g, dtype=torch.float64))[0]
+    P, Q, S = ((Uo[:, i : i + 1], Vo[:, i : i + 1]) for i in range(3))
+
+    def task(*parts):
+        return LoraFactors(torch.cat([c * v.T for c, (_, v) in parts]), torch.cat([u for _, (u, _) in parts], 1), 1.0)
+
+    fs = [task((3.0, P), (3.0, Q)), task((3.0, P), (4.0, S)), task((-2.5, P))]
+    w = [1 / 3] * 3
+
+    def kept(rank, how):  # which planted components span the merged update
+        m = cp(fs, w, rank=rank, cp_variant="keep", cp_fit_rank=3, cp_keep=how, cp_n_iter_max=500)
+        D = m.B @ m.A
+        return {name for name, (u, v) in zip("PQS", (P, Q, S)) if float((u.T @ D @ v).abs()) > 1e-6 * float(D.norm())}
+
+    assert kept(1, "energy") == {"S"} and kept(1, "shared") == {"P"} and kept(1, "agreement") == {"S"}
+    assert kept(2, "energy") == {"S", "P"} and kept(2, "agreement") == {"S", "Q"} and kept(2, "shared") == {"P", "S"}
+    assert kept(1, "cover") == {"S"}  # cover: task 1 (the largest |w_t| |X_t|) takes its strongest, S
 
 
 @pytest.mark.parametrize(
@@ -224,7 +255,7 @@ def test_batch_equals_one_module_at_a_time():
         ({"cp_beta": 1.5}, "cp_beta must be a number in \\[0, 1\\]"),
         ({"cp_common_fraction": -0.1}, "cp_common_fraction must be a number in \\[0, 1\\]"),
         ({"cp_fit_rank": -1}, "cp_fit_rank must be a non-negative integer"),
-        ({"cp_keep": "shared"}, "cp_keep='shared' is not supported"),
+        ({"cp_keep": "loading"}, "cp_keep='loading' is not supported"),
     ],
 )
 def test_bad_options(kwargs, match):

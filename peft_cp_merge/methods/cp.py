@@ -64,11 +64,17 @@ Variants for the rank-constrained, shared-structure regime (issue 21; hypotheses
                           (``cp_keep``), then ``orth_iso`` on the kept ones. ``cp_keep="energy"``: the R largest
                           |lambda_r sum_t a_tr| (the weighted merge's magnitudes); ``"cover"``: round robin over the
                           tasks (ordered by |w_t| |X_t|, largest first), each taking its strongest remaining
-                          component by |w_t lambda_r c_tr|, until R are kept. Hypothesis: a rank-R fit spends its
-                          components on the best least-squares compromise, and a component that serves one strong
-                          task can crowd out what a weak task needs; a larger fit separates shared and specific
-                          components first, and choosing by loading (energy, or each task's own strongest) keeps what
-                          the tasks need. At K = R it is ``orth_iso``.
+                          component by |w_t lambda_r c_tr|, until R are kept; ``"agreement"``: the R largest
+                          energies times the sign agreement of the loadings, |sum_t a_tr| / sum_t |a_tr|;
+                          ``"shared"``: the R largest energies times the normalised participation number
+                          (sum_t |c_tr|)^2 / T (1/T for a one-task component, 1 for a uniform one). Hypothesis: a
+                          rank-R fit spends its components on the best least-squares compromise, and a component that
+                          serves one strong task can crowd out what a weak task needs; a larger fit separates shared
+                          and specific components first, and choosing by loading keeps what the tasks need: by energy,
+                          by each task's own strongest (``cover``), by agreement (components the tasks pull in
+                          opposite directions are interference), or by sharing (at R = r one adapter can only keep
+                          what several tasks use; ``shared`` tests that, the opposite bet to ``cover``). At K = R it
+                          is ``orth_iso``.
     cts                   a CP analogue of Iso-CTS: with the budget N = min(R, sum_t r_t, out, in) split by
                           ``iso.iso_cts_budget(N, T, cp_common_fraction)`` into k_c common and n per task, the common
                           directions are a rank-k_c joint CP fit (unit u_r, sign(g_r) v_r, magnitude |g_r| of the
@@ -115,7 +121,7 @@ CP_INITS = ("svd", "random", "tasks")
 CP_VARIANTS = ("weighted", "authors", "authors_v1", "sign_elect", "ties", "balanced", "isotropic", "split", "spread",
                "orth")
 CP_VARIANTS += ("orth_iso", "keep", "cts")  # issue 21's variants for the rank-constrained regime (docstring)
-CP_KEEPS = ("energy", "cover")
+CP_KEEPS = ("energy", "cover", "agreement", "shared")
 
 
 def _validate(opts: Mapping[str, Any]) -> None:  # cp_init and cp_variant: checked by the registry (choices)
@@ -553,8 +559,14 @@ def _keep_columns(W_B, W_A, C, U_c, V_c, weights, T: int, rank: int, how: str):
     nu = (U_c * (W_B @ U_c)).sum(1).clamp_min(0).sqrt()  # (N, K): |U_r| = sqrt(U_c^T W_B U_c)_rr
     nv = (V_c * (W_A @ V_c)).sum(1).clamp_min(0).sqrt()
     a = weights.to(C.dtype)[:, :, None] * C * (nu * nv)[:, None, :]  # (N, T, K): w_t lambda_r c_tr
-    if how == "energy":
-        idx = a.sum(1).abs().topk(rank, dim=1).indices
+    if how in ("energy", "agreement", "shared"):
+        score = a.sum(1).abs()
+        if how == "agreement":
+            score = score * score / a.abs().sum(1).clamp_min(torch.finfo(a.dtype).tiny)
+        elif how == "shared":
+            c = C / C.norm(dim=1, keepdim=True).clamp_min(torch.finfo(C.dtype).tiny)
+            score = score * c.abs().sum(1).square() / T
+        idx = score.topk(rank, dim=1).indices
     else:  # cover: round robin over the tasks by |w_t| |X_t|, each taking its strongest remaining component
         norm = (_blocks(W_B, T) * _blocks(W_A, T).mT).sum((2, 3)).clamp_min(0).sqrt()
         order = torch.argsort((weights.abs().to(norm.dtype) * norm), dim=1, descending=True, stable=True)
