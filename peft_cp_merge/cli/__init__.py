@@ -13,8 +13,7 @@ import logging
 import sys
 from typing import Any
 
-import yaml
-
+from .._yaml import load_yaml
 from ..errors import PeftCpMergeError
 
 logger = logging.getLogger("peft_cp_merge")
@@ -34,13 +33,17 @@ Each command has its own --help.
 """
 
 
+MAX_VALUE_BYTES = 64 * 1024  # one --option / --set value
+
+
 def yaml_value(text: str) -> Any:
-    """A command-line value read as YAML (``4`` -> int, ``[a, b]`` -> list, ``null`` or empty -> None); invalid YAML
-    is an argparse error naming the value. An argparse ``type``."""
+    """A command-line value read as YAML (``4`` -> int, ``[a, b]`` -> list, ``null`` or empty -> None) by the bounded
+    reader :func:`peft_cp_merge._yaml.load_yaml` (no anchors/aliases, tags, duplicate keys or deep nesting); invalid
+    YAML is an argparse error naming the value. An argparse ``type``."""
     try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({' '.join(str(e).split())})") from None
+        return load_yaml(text, f"{text!r:.80}", max_bytes=MAX_VALUE_BYTES) if text.strip() else None
+    except PeftCpMergeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def key_value(text: str) -> tuple[str, Any]:

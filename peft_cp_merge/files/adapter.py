@@ -5,17 +5,17 @@ to the Hub in one commit."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from peft import LoraConfig
 
 from .._io import MARKER_KEY, atomic_folder
 from ..errors import MergeInputError
-from .recipe import RECIPE_START
+from .recipe import RECIPE_START, dump_recipe
 from .sources import CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -93,17 +93,17 @@ def render_card(merged: MergedAdapter) -> str:
 
     r = merged.recipe
     method = get_merge_method(r["method"])
-    base = r["base_model"] or "<base model>"
+    base = _md(r["base_model"]) if r["base_model"] else "&lt;base model&gt;"
     rows = "\n".join(
-        f"| {i} | `{s['source']}` | {s.get('revision') or 'local'} | {w:g} |"
+        f"| {i} | {_md(s['source'])} | {_md(s.get('revision') or 'local')} | {w:g} |"
         for i, (s, w) in enumerate(zip(r["sources"], r["weights"]))
     )
-    recipe = yaml.safe_dump(r, sort_keys=False)
+    recipe = dump_recipe(r)
     stats = merged.stats
     body = f"""
 # Merged LoRA adapter ({r['method']})
 
-A LoRA adapter for `{base}` made by merging {len(r['sources'])} LoRA adapters with
+A LoRA adapter for {base} made by merging {len(r['sources'])} LoRA adapters with
 **{method.pretty_name}** ({method.reference}) at rank {r['rank']}, using
 [peft-cp-merge](https://pypi.org/project/peft-cp-merge/).
 
@@ -119,7 +119,8 @@ Merged {stats.get('modules', '?')} modules with {', '.join(f'{k} {v}' for k, v i
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this repo or folder>")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({_py(r["base_model"] or "<base model>")}),
+                                  "<this repo or folder>")
 ```
 
 ## Recipe
@@ -135,6 +136,25 @@ to write and whether to push are only ever taken from the command line).
                       **{MARKER_KEY: "merged-adapter"})  # the marker that lets --overwrite replace this folder
 
 
+def _md(name: str) -> str:
+    """``name`` as literal Markdown text (also inside a table cell): every character that can open a code span,
+    emphasis, link, HTML, an HTML comment or a table cell backslash-escaped, line breaks and other unprintable
+    characters written as ``\\n``/``\\uXXXX``, so any folder or Hub name shows as itself."""
+    text = "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in str(name))
+    return "".join("\\" + c if c in _PUNCTUATION else c for c in text)
+
+
+def _py(name: str) -> str:
+    """``name`` as a Python string literal on one line, with ``<``, ``>`` and backticks escaped (no HTML or fence
+    can appear in the card's code block)."""
+    return json.dumps(str(name)).replace("<", "\\u003c").replace(">", "\\u003e").replace("`", "\\u0060")
+
+
+_PUNCTUATION = frozenset("\\`*_[]<>!|~&$")  # what can open Markdown/HTML inside a line (line breaks are escaped)
+# base_model goes into the card's metadata only when it looks like a Hub id or a plain path
+_METADATA_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
+
+
 def model_card(body: str, *, base_model: str | None, relation: str, tags: list[str], **fields: str) -> str:
     """A Hub model card (``huggingface_hub.ModelCard``): metadata ``library_name: peft``, ``tags`` and, when known,
     ``base_model`` with ``base_model_relation`` (``merge``, ``adapter``), then the markdown ``body``. Used for
@@ -142,7 +162,7 @@ def model_card(body: str, *, base_model: str | None, relation: str, tags: list[s
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(library_name="peft", tags=tags, **fields)
-    if base_model:
+    if base_model and _METADATA_NAME.fullmatch(base_model):
         data.base_model, data.base_model_relation = base_model, relation
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 

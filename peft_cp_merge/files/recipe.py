@@ -18,10 +18,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._schema import first_error
+from .._yaml import load_yaml
 from ..errors import MergeInputError
 
 RECIPE_FIELDS = {
@@ -40,7 +40,8 @@ COMMAND_LINE_ONLY = {"out": "--out DIR", "overwrite": "--overwrite", "push_to_hu
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 MAX_RECIPE_BYTES = 4 * 2**20
 RECIPE_START = "<!-- peft-cp-merge recipe -->"
-_BLOCK = re.compile(re.escape(RECIPE_START) + r"\s*```yaml\n(.*?)```", re.S)
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./@:+=-]*")
+_FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*?)\s*$")
 
 
 # what a field must be, named in the error when a recipe's value is not that (pydantic decides that it is not)
@@ -145,17 +146,117 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MergeInputError(f"Recipe {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
-    block = _BLOCK.search(text)
-    if block is not None:
-        text = block.group(1)
+    if RECIPE_START in text:
+        text = card_recipe(text, str(path))
     elif path.suffix.lower() == ".md":
         raise MergeInputError(f"{path} has no peft-cp-merge recipe block; give a recipe YAML file or the "
                               "README.md of an adapter merged by peft-cp-merge.")
-    try:
-        recipe = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise MergeInputError(f"Recipe {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    recipe = load_yaml(text, f"Recipe {str(path)!r}", error=MergeInputError, max_bytes=MAX_RECIPE_BYTES)
     return check_recipe(recipe, str(path))
+
+
+def card_recipe(text: str, where: str = "model card") -> str:
+    """The recipe of a model card: the text of its one visible YAML block, found by a rule a reader can check.
+
+    The rule: outside the metadata header (``---`` ... ``---``), the card has exactly one line that is exactly
+    ``<!-- peft-cp-merge recipe -->`` (the marker may appear nowhere else, not even inside a comment or a code
+    block), that line is outside any HTML comment and code block, the next non-blank line opens a fenced code
+    block whose info string is ``yaml``, and that block is the only ``yaml`` block of the card outside HTML
+    comments. The recipe is that block's text up to its closing fence. Anything else (a second marker, e.g. a
+    recipe hidden in an HTML comment, a second ``yaml`` block, a marker inside a comment, an unclosed block) is
+    refused: a card must never run a recipe other than the one it shows.
+    """
+    def refuse(problem: str) -> MergeInputError:
+        return MergeInputError(f"{where}: {problem}; refusing to guess which recipe to run. Give a recipe YAML "
+                               "file, or the README.md of an adapter merged by peft-cp-merge as it was written.")
+
+    if text.count(RECIPE_START) != 1:
+        raise refuse(f"the recipe marker {RECIPE_START!r} appears {text.count(RECIPE_START)} times (once is "
+                     "expected: a second one may hide a recipe in an HTML comment)")
+    lines = text.splitlines()
+    i = 0
+    if lines and lines[0].strip() == "---":  # the metadata header (huggingface_hub's card_data)
+        ends = [j for j in range(1, len(lines)) if lines[j].strip() == "---"]
+        i = ends[0] + 1 if ends else 0
+    recipe, blocks, in_comment = None, 0, False
+    while i < len(lines):
+        line = lines[i]
+        if in_comment:
+            in_comment = "-->" not in line
+            if RECIPE_START in line:
+                raise refuse("the recipe marker is inside an HTML comment")
+            i += 1
+            continue
+        opening = _FENCE.match(line)
+        if line == RECIPE_START:
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            opening = _FENCE.match(lines[j]) if j < len(lines) else None
+            if opening is None or opening["info"] != "yaml":
+                raise refuse("the recipe marker is not directly followed by a ```yaml block")
+            i = j
+        if opening is not None:  # a fenced code block: skip to its closing fence
+            fence, start = opening["fence"], i + 1
+            i = start
+            closing = re.compile(rf"^ {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*$")
+            while i < len(lines) and not closing.match(lines[i]):
+                i += 1
+            if i == len(lines):
+                raise refuse(f"the code block opened on line {start} is never closed")
+            body = "\n".join(lines[start:i]) + "\n"
+            if RECIPE_START in body:
+                raise refuse("the recipe marker is inside a code block")
+            if opening["info"] == "yaml":
+                blocks += 1
+                if recipe is None and _marked(lines, start - 1):
+                    recipe = body
+            i += 1
+            continue
+        if RECIPE_START in line:
+            raise refuse("the recipe marker is not on a line of its own")
+        rest = line
+        while "<!--" in rest:  # an HTML comment opens here; it may close on this line
+            rest = rest.split("<!--", 1)[1]
+            if "-->" not in rest:
+                in_comment = True
+                break
+            rest = rest.split("-->", 1)[1]
+        i += 1
+    if recipe is None:
+        raise refuse("the recipe marker is not followed by a visible ```yaml block")
+    if blocks != 1:
+        raise refuse(f"the card has {blocks} ```yaml blocks outside HTML comments (one, the recipe, is expected)")
+    return recipe
+
+
+def dump_recipe(recipe: dict[str, Any]) -> str:
+    """``recipe`` as the YAML text of a card's recipe block: ASCII only, one line per value, and every string that
+    is not a plain word double-quoted with ``<``, ``>`` and backticks written as escapes, so no name (backtick
+    fences, newlines, HTML comment markers, the recipe marker itself) can end the block or hide in it, and
+    :func:`card_recipe` reads back exactly ``recipe``."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_str(dumper, value: str):
+        if _PLAIN.fullmatch(value):
+            return dumper.represent_str(value)
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+
+    Dumper.add_representer(str, represent_str)
+    text = yaml.dump(recipe, Dumper=Dumper, sort_keys=False, allow_unicode=False, width=float("inf"))
+    # only double-quoted scalars hold these characters (plain words and the field names do not)
+    return text.replace("<", "\\x3C").replace(">", "\\x3E").replace("`", "\\x60")
+
+
+def _marked(lines: list[str], fence_line: int) -> bool:
+    """The last non-blank line before ``fence_line`` is the recipe marker."""
+    j = fence_line - 1
+    while j >= 0 and not lines[j].strip():
+        j -= 1
+    return j >= 0 and lines[j] == RECIPE_START
 
 
 def check_recipe(recipe: Any, where: str = "recipe") -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .._schema import first_error
+from .._yaml import load_yaml
 from .errors import LibraryConfigError
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -198,7 +199,11 @@ class LibraryTrainConfig:
             p = Path(path)
             if not p.is_file():
                 raise LibraryConfigError(f"Config file {p} does not exist. Pass --config path/to/library.yaml.")
-            d = yaml.safe_load(p.read_text()) or {}
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise LibraryConfigError(f"Config file {p} cannot be read as UTF-8 text ({e}).") from None
+            d = load_yaml(text, f"Config file {p}", error=LibraryConfigError) or {}
             if not isinstance(d, dict):
                 raise LibraryConfigError(f"Config file {p} must hold a YAML mapping of field: value.")
         d.update(overrides or {})

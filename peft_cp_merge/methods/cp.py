@@ -264,6 +264,30 @@ def _leading(W: torch.Tensor, W_other: torch.Tensor, M: torch.Tensor, T: int, ra
     return coords * torch.where(sign == 0, 1.0, sign)
 
 
+def _independent(Us: torch.Tensor, Vh: torch.Tensor, order: torch.Tensor, k: int, rank: int) -> torch.Tensor:
+    """The first ``rank`` of the components ``order`` (flat ``task * k + comp`` indices) whose rank-1 matrices
+    ``u v^T`` are linearly independent of those kept before them (relative residual above 1e-6).
+
+    Repeated (or proportional) tasks have identical components; kept twice, they make the ALS normal equations
+    singular and ALS stays in the span of the copies, far from the CP of the tensor. Without repeats this is
+    ``order[:rank]``. Works on the ``len x len`` Gram matrix ``(u_i . u_j)(v_i . v_j)`` of the kept components.
+    """
+    kept: list[int] = []
+    for c in order.tolist():
+        if len(kept) == rank:
+            break
+        u, v = Us[c // k, :, c % k], Vh[c // k, c % k, :]
+        if kept:
+            Uk = Us[[i // k for i in kept], :, [i % k for i in kept]]  # (len, KB)
+            Vk = Vh[[i // k for i in kept], [i % k for i in kept], :]  # (len, KA)
+            g = (Uk @ u) * (Vk @ v)
+            G = (Uk @ Uk.T) * (Vk @ Vk.T)
+            if float(1.0 - g @ torch.linalg.solve(G, g)) < 1e-12:
+                continue
+        kept.append(c)
+    return torch.tensor(kept, dtype=torch.long, device=order.device)
+
+
 def _tasks_init(P, R, rank: int, random_state: int | None):
     """Start from each task's own SVD: components (e_t, u_ti, s_ti v_ti), the ``rank`` strongest kept.
 
@@ -275,10 +299,18 @@ def _tasks_init(P, R, rank: int, random_state: int | None):
     k = S.shape[-1]
     Ui, Vi = [], []
     for n in range(N):
-        order = torch.argsort(S[n].reshape(-1), descending=True)[:rank]
+        order = _independent(Us[n], Vh[n], torch.argsort(S[n].reshape(-1), descending=True), k, rank)
         task, comp = order // k, order % k
-        Ui.append(Us[n, task, :, comp].T)
-        Vi.append((S[n, task, comp][:, None] * Vh[n, task, comp, :]).T)
+        U_n, V_n = Us[n, task, :, comp].T, (S[n, task, comp][:, None] * Vh[n, task, comp, :]).T
+        missing = min(rank, T * k) - len(order)
+        if missing:  # repeated tasks: small random components instead of copies of chosen ones
+            rng = np.random.RandomState(random_state)
+            scale = float(S[n].max()) * 1e-3 if S[n].numel() else 1e-3
+            U_n = torch.cat([U_n, torch.as_tensor(rng.standard_normal((KB, missing)), dtype=P.dtype).to(P.device)], 1)
+            V_n = torch.cat([V_n, scale * torch.as_tensor(rng.standard_normal((V_n.shape[0], missing)),
+                                                          dtype=P.dtype).to(P.device)], 1)
+        Ui.append(U_n)
+        Vi.append(V_n)
     U, V = torch.stack(Ui), torch.stack(Vi)
     if rank > U.shape[2]:  # more components than the cores have: small random extra ones
         rng = np.random.RandomState(random_state)
