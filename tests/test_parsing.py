@@ -200,6 +200,7 @@ HOSTILE_NAMES = [
     "tab\tnewline\ncr\rend\\",
     "ünïcödé 😀 \u2028",
     "- item: 1\n  rank: 99",
+    "{{ 7 * 7 }} {% raw %} {# jinja: the card template must never evaluate a name",
 ]
 
 

@@ -164,6 +164,7 @@ def model_card(body: str, *, base_model: str | None, relation: str, tags: list[s
     data = ModelCardData(library_name="peft", tags=tags, **fields)
     if base_model and _METADATA_NAME.fullmatch(base_model):
         data.base_model, data.base_model_relation = base_model, relation
-    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
+    # the body is a template *value*, never template text: a name in it such as ``{{ ... }}`` is not Jinja to run
+    return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n{{ body }}", body=body))
 
 
