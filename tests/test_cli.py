@@ -34,14 +34,14 @@ def _help(capsys, monkeypatch, *argv) -> str:
     return capsys.readouterr().out
 
 
-# (module run as `python -m`, its arguments before --help): every command, and the deprecated library entry point
-HELP_CASES = [("peft_cp_merge.cli", argv) for argv in HELPS] + [("peft_cp_merge.library.cli", ["train"])]
+# (module run as `python -m`, its arguments before --help): every command
+HELP_CASES = [("peft_cp_merge.cli", argv) for argv in HELPS]
 
 
 @pytest.mark.parametrize(("module", "argv"), HELP_CASES, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
 def test_help_imports_nothing_heavy(module, argv):
-    """`python -m peft_cp_merge.cli ... --help` (and the library's standalone entry point) loads no torch, PEFT,
-    transformers, tensorly, sentence-transformers, sklearn, datasets or matplotlib: they made --help take seconds."""
+    """`python -m peft_cp_merge.cli ... --help` loads no torch, PEFT, transformers, tensorly, sentence-transformers,
+    sklearn, datasets or matplotlib: they made --help take seconds."""
     res = _run(f"""
         import runpy, sys
         sys.argv = ["peft-cp-merge", *{argv!r}, "--help"]

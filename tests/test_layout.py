@@ -5,8 +5,6 @@ others."""
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_cp_merge"
 
 # role -> layer; a module may import its own role or a lower layer, never a higher one or a sibling role
@@ -20,7 +18,6 @@ LAYERS = {
     "cli": 5,
     "__init__": 6,
 }
-DEPRECATED_SHIMS = {"engine", "peft_glue", "library.cli"}  # re-export the new homes for one release
 
 
 def _modules():
@@ -59,12 +56,10 @@ def _role(module: str) -> str:
 
 def test_imports_point_down_the_layers():
     names = dict(_modules())
-    new = {_role(n) for n in names} - set(LAYERS) - DEPRECATED_SHIMS
+    new = {_role(n) for n in names} - set(LAYERS)
     assert not new, f"new top-level module(s) {new}: give each a layer in LAYERS and in CONTRIBUTING.md"
     wrong = []
     for name, path in names.items():
-        if name in DEPRECATED_SHIMS:
-            continue
         for target in _imports(name, path):
             if _role(target) not in LAYERS or _role(target) == _role(name):
                 continue
@@ -75,8 +70,7 @@ def test_imports_point_down_the_layers():
 
 def test_no_import_cycles():
     names = dict(_modules())
-    graph = {n: {t for t in _imports(n, p) if t in names and t != n} for n, p in names.items()
-             if n not in DEPRECATED_SHIMS}
+    graph = {n: {t for t in _imports(n, p) if t in names and t != n} for n, p in names.items()}
     # a package __init__ that lazily names its submodules is not an import of them; drop package -> own child edges
     graph = {n: {t for t in ts if not t.startswith(n + ".")} for n, ts in graph.items()}
     state, cycle = {}, []
@@ -102,28 +96,3 @@ def test_the_layout_checker_sees_imports():
     assert "methods" in _imports("integrations.peft", names["integrations.peft"])
     assert "files.merge" in _imports("library.library", names["library.library"])  # a function-level import
     assert "errors" in _imports("__init__", names["__init__"])
-
-
-def test_deprecated_homes_still_work(monkeypatch):
-    """The documented names of the old layout still resolve, with a DeprecationWarning naming the new home."""
-    import importlib
-    import sys
-
-    import peft_cp_merge
-    from peft_cp_merge.integrations import peft as integration
-
-    for old in ("peft_cp_merge.engine", "peft_cp_merge.peft_glue"):
-        monkeypatch.delitem(sys.modules, old, raising=False)
-    with pytest.warns(DeprecationWarning, match="import merge_adapters and MergedAdapter from peft_cp_merge"):
-        engine = importlib.import_module("peft_cp_merge.engine")
-    assert (engine.merge_adapters, engine.MergedAdapter) == (peft_cp_merge.merge_adapters, peft_cp_merge.MergedAdapter)
-    with pytest.warns(DeprecationWarning, match="import register, unregister and add_weighted_adapter_registry"):
-        glue = importlib.import_module("peft_cp_merge.peft_glue")
-    assert glue.register is peft_cp_merge.register
-    assert glue.add_weighted_adapter_registry is integration.add_weighted_adapter_registry
-    from peft_cp_merge.library import cli as old_cli
-
-    with pytest.warns(DeprecationWarning, match="python -m peft_cp_merge.cli library"):
-        with pytest.raises(SystemExit) as e:
-            old_cli.main(["info", "--help"])
-    assert e.value.code == 0
