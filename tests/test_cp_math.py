@@ -237,3 +237,79 @@ def test_zero_and_duplicate_adapters():
     dup = cp([a, a, b], [0.25, 0.25, 0.5], rank=8)  # dependent columns in the stacked factors
     ref = 0.5 * a.delta() + 0.5 * b.delta()
     assert _rel(dup.B @ dup.A, ref) < 1e-6
+
+
+def test_thread_policy_small_work_single_threaded_gram_threaded(monkeypatch):
+    """cp runs its (T r)-sized ALS on one thread (thread waits dominate on shared cores, issue 24), the Gram products
+    on the caller's threads; the caller's count is restored, and the merge equals the one-thread merge."""
+    from peft_cp_merge.methods import cp as cp_module
+    from peft_cp_merge.methods._linalg import single_threaded, threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with single_threaded():
+            assert torch.get_num_threads() == 1
+            with threaded():
+                assert torch.get_num_threads() == 2
+            with single_threaded():  # nested scopes still restore the outermost caller's count
+                with threaded():
+                    assert torch.get_num_threads() == 2
+                assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threaded():  # outside any scope: nothing changes
+            assert torch.get_num_threads() == 2
+
+        seen = {}
+        als, gram = cp_module.cp_als, torch.Tensor.__matmul__
+
+        def spy_als(*a, **k):
+            seen["als"] = torch.get_num_threads()
+            return als(*a, **k)
+
+        def spy_matmul(x, y):
+            if x.ndim == 3 and y.ndim == 3 and x.shape[-1] == 22 and y.shape[-2] == 22:  # Bs As-side Gram (in=22)
+                seen["gram"] = torch.get_num_threads()
+            return gram(x, y)
+
+        monkeypatch.setattr(cp_module, "cp_als", spy_als)
+        monkeypatch.setattr(torch.Tensor, "__matmul__", spy_matmul)
+        fs = _factors([2, 3, 4])
+        merged = cp(fs, [0.5, 0.3, 0.2], rank=3)
+        assert seen == {"als": 1, "gram": 2}
+        assert torch.get_num_threads() == 2
+        monkeypatch.undo()
+        torch.set_num_threads(1)
+        ref = cp(fs, [0.5, 0.3, 0.2], rank=3)
+        assert _rel(merged.B @ merged.A, ref.B @ ref.A) < 1e-12
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_large_gram_and_top_eigenpairs_match_the_dense_routines():
+    """The paths taken from T r >= 512 on (issue 24's library scale): the block-triangular Gram product equals
+    M M^T, and the Lanczos top eigenpairs equal torch's full eigh to float64 round-off (vectors up to sign)."""
+    from peft_cp_merge.methods._linalg import gram, top_eigh
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(2, 600, 900, generator=g, dtype=torch.float64)
+    W = gram(M)
+    assert _rel(W, M @ M.mT) < 1e-14
+    evals, vecs = top_eigh(W, 5)
+    ref_vals, ref_vecs = torch.linalg.eigh(W)
+    ref_vals, ref_vecs = ref_vals.flip(-1)[:, :5], ref_vecs.flip(-1)[..., :5]
+    assert float((evals - ref_vals).abs().max() / ref_vals.abs().max()) < 1e-12
+    assert float(((vecs * ref_vecs).sum(1).abs() - 1).abs().max()) < 1e-8
+    assert float((W @ vecs - vecs * evals[:, None, :]).norm() / W.norm()) < 1e-12
+
+
+def test_cp_at_large_stacked_rank_equals_dense_tensorly():
+    """T r = 512 (the Lanczos start and the block Gram): still dense tensorly's parafac result."""
+    fs = _factors([4] * 128, out=40, inn=36, seed=3)
+    w = torch.rand(128, generator=torch.Generator().manual_seed(1), dtype=torch.float64).tolist()
+    merged = cp(fs, w, rank=4, cp_n_iter_max=20, cp_tol=0.0)
+    X = torch.stack([f.delta() for f in fs])
+    with tl.backend_context("pytorch"):
+        res = parafac(X, 4, init="svd", svd=capped_svd, n_iter_max=20, tol=0.0)
+    ref = torch.einsum("r,tr,or,ir,t->oi", res.weights, *res.factors, torch.as_tensor(w, dtype=X.dtype))
+    assert _rel(merged.B @ merged.A, ref) < 1e-8

@@ -30,6 +30,7 @@ from .._io import check_unchanged, now, package_versions
 from ..config import check_mergeable, check_option_types, merged_config, numerical_failure
 from ..errors import MergeInputError
 from ..methods import LoraFactors, check_weights, get_merge_method
+from ..methods._linalg import single_threaded
 from .adapter import MergedAdapter
 from .sources import (
     DTYPES,
@@ -42,8 +43,10 @@ from .sources import (
 )
 
 logger = logging.getLogger(__name__)
+_BATCH_BYTES = 1 << 30
 
 
+@single_threaded()  # small per-factor work; the methods thread their large products (_linalg.threaded)
 def merge_adapters(
     sources: Sequence[str | Path],
     weights: Sequence[float] | None = None,
@@ -151,8 +154,12 @@ def merge_adapters(
     tensors: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(index), desc=f"merge ({method})", unit="module", disable=not progress)
     for names in batches.values():
-        for i in range(0, len(names), batch_size):
-            chunk = names[i: i + batch_size]
+        # at most _BATCH_BYTES of factors per batch (held twice: as read and stacked), so 256 adapters' batch of 32
+        # modules is not a third of all their bytes; small merges keep batches of batch_size modules
+        module_bytes = sum(math.prod(e.a_shape) + math.prod(e.b_shape) for e in index[names[0]]) * load_dtype.itemsize
+        step = max(1, min(batch_size, _BATCH_BYTES // max(module_bytes, 1)))
+        for i in range(0, len(names), step):
+            chunk = names[i: i + step]
             groups, wts = [], []
             # the files are memory-mapped: reopening them per batch unmaps the pages read so far, so resident
             # memory stays at about one batch of factors instead of growing to every adapter's bytes

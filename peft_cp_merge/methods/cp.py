@@ -112,7 +112,7 @@ import torch
 from tensorly.random import random_cp
 
 from ..errors import MergeInputError
-from ._linalg import balanced
+from ._linalg import balanced, gram, single_threaded, top_eigh
 from .iso import iso_cts_budget
 from .registry import LoraFactors, merge_method
 from .tsv import polar, task_svd
@@ -161,7 +161,7 @@ def _stack(groups: list[list[LoraFactors]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _gram(M: torch.Tensor) -> torch.Tensor:
-    return (M @ M.mT).double()
+    return gram(M).double()  # the one large product of a merge, (T r)^2 (out + in): on the caller's threads
 
 
 def _blocks(W: torch.Tensor, T: int) -> torch.Tensor:
@@ -249,8 +249,7 @@ def _leading(W: torch.Tensor, W_other: torch.Tensor, M: torch.Tensor, T: int, ra
     F = _psd_sqrt(_blocks(W_other, T))  # (N, T, r, r)
     W5 = W.view(N, T, r, T, r)
     FWF = torch.einsum("ntij,ntjul,nulk->ntiuk", F, W5, F).reshape(N, S, S)
-    evals, Z = torch.linalg.eigh(FWF)
-    evals, Z = evals.flip(-1)[:, :rank], Z.flip(-1)[..., :rank]
+    evals, Z = top_eigh(FWF, rank)  # descending; Lanczos at large T r
     good = evals > S * torch.finfo(torch.float64).eps * evals[:, :1].clamp_min(torch.finfo(torch.float64).tiny)
     coords = torch.einsum("ntij,ntjk->ntik", F, Z.view(N, T, r, -1)).reshape(N, S, -1)
     coords = coords * torch.where(good, evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)[:, None, :]
@@ -429,6 +428,7 @@ def cp_als(W_B, W_A, U, V, T: int, *, n_iter_max: int = 100, tol: float = 1e-8):
     validate=_validate,
     batched=True,
 )
+@single_threaded()  # the rest is small (T r)-sized work: see _linalg.single_threaded
 def cp_merge(
     groups: list[list[LoraFactors]],
     weights: torch.Tensor,

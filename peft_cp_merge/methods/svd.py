@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import balanced, stacked
+from ._linalg import balanced, stacked, threaded
 from .registry import LoraFactors, merge_method
 
 
@@ -32,8 +32,9 @@ def truncated_svd(Bs: torch.Tensor, As: torch.Tensor, rank: int) -> tuple[torch.
     ``U`` (N, out, k), ``s`` (N, k) descending, ``V`` (N, in, k) with ``k = min(rank, out, in, S)``; computed from
     reduced QRs of both factors and the SVD of the small core, never forming ``Bs @ As``.
     """
-    Q_B, R_B = torch.linalg.qr(Bs)  # (N, out, k1), (N, k1, S)
-    Q_A, R_A = torch.linalg.qr(As.mT)  # (N, in, k2), (N, k2, S)
+    with threaded():  # the large products, (out + in) S^2 per module; the engine runs the rest single-threaded
+        Q_B, R_B = torch.linalg.qr(Bs)  # (N, out, k1), (N, k1, S)
+        Q_A, R_A = torch.linalg.qr(As.mT)  # (N, in, k2), (N, k2, S)
     u, s, vh = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)
     k = min(rank, s.shape[-1])
     return Q_B @ u[..., :k], s[..., :k], Q_A @ vh[..., :k, :].mT
