@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeInputError
-from ._linalg import balanced, stacked, zero_update
+from ._linalg import balanced, single_threaded, stacked, zero_update
 from .registry import LoraFactors, merge_method
 from .svd import truncated_svd
 from .tsv import polar, task_svd, tsv_merge
@@ -144,6 +144,7 @@ def _top_fraction(M: torch.Tensor, density: float) -> torch.Tensor:
     choices={"smoothing": SMOOTHINGS},
     validate=_validate_dc,
 )
+@single_threaded()  # small per-module work (see _linalg.single_threaded)
 def dc_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, smoothing: str = "flat",
              rho: float = 5.0, density: float = 0.001) -> LoraFactors:
     """DC-Merge of one module's adapters; output rank ``<= min(rank, sum_t r_t)`` (see the module docstring)."""
@@ -192,6 +193,7 @@ def star_rank(S: torch.Tensor, eta: float) -> int:
     options={"eta": 40.0},
     validate=_validate_star,
 )
+@single_threaded()  # small per-module work (see _linalg.single_threaded)
 def star_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, eta: float = 40.0) -> LoraFactors:
     """STAR of one module's adapters; output rank ``<= min(rank, sum_t k_t)`` (see the module docstring)."""
     kept, kept_w = [], []
@@ -239,6 +241,7 @@ def lego_units(factors: list[LoraFactors], weights: torch.Tensor) -> torch.Tenso
     options={"lego_random_state": 0, "lego_n_init": 10},
     validate=_validate_lego,
 )
+@single_threaded()  # small per-module work (see _linalg.single_threaded)
 def lora_lego_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int, lego_random_state: int | None = 0,
                     lego_n_init: int = 10) -> LoraFactors:
     """LoRA-LEGO of one module's adapters: ``min(rank, N)`` clusters of the N rank-1 units (module docstring)."""
@@ -281,6 +284,7 @@ def lora_lego_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: 
     ),
     rank_option="svd_rank",
 )
+@single_threaded()  # small per-module work (see _linalg.single_threaded)
 def core_tsv_iso_merge(factors: list[LoraFactors], weights: torch.Tensor, *, rank: int) -> LoraFactors:
     """TSV in core space, truncated to ``rank``, flat non-zero spectrum (see the module docstring)."""
     merged = tsv_merge(factors, weights, rank=sum(f.rank for f in factors))

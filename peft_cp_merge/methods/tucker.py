@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeInputError
-from ._linalg import balanced, svd_flip, zero_update
+from ._linalg import balanced, single_threaded, svd_flip, threaded, zero_update
 from .core import core_space
 from .knots import SIGN_METHODS, ties_merge
 from .registry import LoraFactors, merge_method
@@ -182,6 +182,7 @@ def flat_nonzero(s: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     validate=_validate,
     batched=True,
 )
+@single_threaded()  # small (T r)-sized work: batched eigh of 48 x 48 matrices ran 10x slower on 2 busy threads
 def tucker_merge(
     groups: list[list[LoraFactors]],
     weights: torch.Tensor,
@@ -197,7 +198,8 @@ def tucker_merge(
 ) -> list[LoraFactors]:
     """CtM's Tucker-2 merge of a batch of modules (equal shapes and ranks; ``weights`` (N, T)); output rank
     ``<= min(rank, out, in, sum_t r_t)``. The core spaces are per module, the Tucker fit (:func:`hooi`) batched."""
-    spaces = [core_space(g) for g in groups]  # (out, k1), (in, k2), T x (k1, k2)
+    with threaded():  # the (out + in)-sized QRs and products of the core spaces: worth the caller's threads
+        spaces = [core_space(g) for g in groups]  # (out, k1), (in, k2), T x (k1, k2)
     G = torch.stack([torch.stack(cores) for _, _, cores in spaces]).double()  # (N, T, k1, k2)
     norms = G.norm(dim=(2, 3))  # (N, T)
     R = min(rank, G.shape[2], G.shape[3])
