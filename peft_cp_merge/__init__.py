@@ -11,6 +11,7 @@ already imported, otherwise the moment PEFT is first imported (nothing can call 
 from __future__ import annotations
 
 from ._lazy import lazy_attributes
+from ._version import __version__ as __version__
 from .errors import (
     MergeInputError,
     PeftCpMergeError,
@@ -19,8 +20,6 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .integrations import _register_now_or_when_peft_loads, is_registered, register, unregister
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MergedAdapter",

@@ -157,3 +157,20 @@ def test_merge_only_install_says_which_extra_to_install():
     assert "ImportError: peft_cp_merge.library needs sklearn" in r.stdout
     assert "library rc 2" in r.stdout and "merge help rc 0" in r.stdout
     assert "pip install 'peft-cp-merge[library]'" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_version_is_the_installed_distributions(capsys):
+    """One version string: pyproject.toml's, as installed; the package and `peft-cp-merge --version` read it from the
+    metadata (an editable install's metadata goes stale when the version changes: reinstall then)."""
+    import importlib.metadata
+
+    import tomllib
+
+    import peft_cp_merge
+    from peft_cp_merge.cli import main
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert peft_cp_merge.__version__ == importlib.metadata.version("peft-cp-merge") == declared
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"peft-cp-merge {declared}\n"

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_cp_merge"
 # role -> layer; a module may import its own role or a lower layer, never a higher one or a sibling role
 LAYERS = {
     "errors": -1,  # layer 0 of CONTRIBUTING.md, below its siblings: "nothing of the package (but errors)"
-    "_lazy": 0, "_schema": 0, "_io": 0, "_yaml": 0,
+    "_lazy": 0, "_schema": 0, "_io": 0, "_yaml": 0, "_version": 0,
     "methods": 1, "config": 1,
     "integrations": 2, "files": 2, "models": 2,
     "library": 3,

@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Any
 
+from .._version import __version__
 from .._yaml import load_yaml
 from ..errors import PeftCpMergeError
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peft-cp-merge", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{merge,methods,library}", required=True)
     add_merge_commands(sub)
     add_subcommands(sub)
