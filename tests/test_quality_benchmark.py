@@ -280,3 +280,28 @@ def test_decision_rule_by_hand():
     worse = {"rows": {"t8": {"diff": -0.1, "low": -0.2, "high": -0.01, "tensor": True}}, "reference": "m8"}
     v = verdicts({"one": comp["8"]["in_domain"], "two": worse})
     assert not v["t8"]["wins"] and v["t8"]["regimes"]["two"]["worse"]
+
+
+def test_decide_recomputes_matched_rank_from_stored_hits():
+    """`benchmarks.quality.decide` on a record written before per-rank comparisons existed (no `by_rank`):
+    recomputed from the per-prompt hits, against the best matrix merge at R = r only (the rank-48 matrix merge
+    that scores higher is not the reference at R = 8)."""
+    from benchmarks.quality.decide import at_rank, table
+    from benchmarks.quality.stats import summarize
+
+    def h(ones):
+        return {"0": {"a": "1" * ones + "0" * (40 - ones)}}
+
+    hits = {"own adapter": h(40), "iso_c R=8": h(20), "iso_c R=48": h(36), "cp/orth R=8": h(30)}
+    results = {k: {0: {"a": v["0"]["a"].count("1") / 40}} for k, v in hits.items()}
+    summary = {k: summarize(v, results["own adapter"], ["a"]) for k, v in results.items()}
+    record = {"tasks": ["a"], "adapter_config": {"rank": 8}, "hits": hits, "summary": summary,
+              "methods": [{"label": "iso_c R=8", "out_rank": 8, "combination_type": "iso_c"},
+                          {"label": "iso_c R=48", "out_rank": 48, "combination_type": "iso_c"},
+                          {"label": "cp/orth R=8", "out_rank": 8, "combination_type": "cp"}],
+              "comparison": {"in_domain": {}}}
+    comp = at_rank(record, n_resamples=500)["tasks"]
+    assert comp["reference"] == "iso_c R=8"
+    assert abs(comp["rows"]["cp/orth R=8"]["diff"] - 0.25) < 1e-12
+    lines = table({"tasks": comp})
+    assert lines[2].startswith("| cp/orth R=8 | **+25.0 [") and lines[2].endswith("| yes |")

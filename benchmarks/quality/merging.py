@@ -122,7 +122,8 @@ def group_specs(specs: Sequence[MergeSpec]) -> list[list[MergeSpec]]:
 def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int],
                 methods: Sequence[str] | None = None) -> tuple[list[MergeSpec], list[dict[str, str]]]:
     """The merge configurations, and the methods skipped (with why). ``methods`` filters by method name
-    (``cp/weighted`` style names for the CP variants, ``cp`` for all of them, ``tucker`` for the Tucker ones).
+    (``cp/weighted`` style names for the CP variants, ``cp`` for all of them; ``tucker/sum`` style names for the
+    other configurations of ``EXTRA_CONFIGS``).
 
     Output rank is an axis: every method runs at every rank in ``ranks`` it allows (the benchmark passes r, 2r and
     sum r_t = T r by default): PEFT's svd types (the lower ranks are the leading triplets of the highest-rank merge,
@@ -188,7 +189,7 @@ def build_specs(rank: int, n_adapters: int, density: float, ranks: Sequence[int]
         skipped.append({"method": "cp", "reason": "not registered with add_weighted_adapter"})
     if methods:
         wanted = set(methods)
-        specs = [s for s in specs if s.method in wanted or s.method.split("/")[0] in wanted]
+        specs = [s for s in specs if s.method in wanted or s.combination_type == "cp" and "cp" in wanted]
     return specs, skipped
 
 

@@ -139,7 +139,8 @@ def rank_tables(data: dict, by_rank: dict, prefix: str = "", title: str = "") ->
         matrix = sorted((m for m in at if not is_tensor(m)), key=key)
         tensor = sorted((m for m in at if is_tensor(m)), key=key)
         ref = comp.get("reference", "?")
-        out += [f"### {title}R = {R}{' (= r)' if int(R) == r else ''}: best matrix merge {ref}", "",
+        href = f"; held-out: {hcomp['reference']}" if hcomp.get("reference") not in (None, ref) else ""
+        out += [f"### {title}R = {R}{' (= r)' if int(R) == r else ''}: best matrix merge {ref}{href}", "",
                 "| merge | family | mean | normalized | diff to best matrix [95% CI] | "
                 + (f"{', '.join(heldout)} mean | held-out diff [95% CI] | " if heldout else "")
                 + " | ".join(tasks) + " |",
@@ -376,8 +377,31 @@ def write_plot(data: dict, path: Path) -> None:
              or m["method"] == "cat"]
     bars = [b for b in dict.fromkeys(bars) if b in summary]
     all_rows = [label for label in summary]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, 1.3 * len(tasks) + 4), 5 + 0.28 * len(all_rows) + 4),
-                                   gridspec_kw={"height_ratios": [5, 0.28 * len(all_rows) + 1]})
+    diffs = []  # (label, diff, low, high, tensor): every merge against the best matrix merge at its own R
+    for key in ("by_rank", "per_skill_by_rank"):
+        for _, comp in sorted(data.get("comparison", {}).get(key, {}).items(), key=lambda kv: int(kv[0])):
+            rows = comp.get("in_domain", {}).get("rows", {})
+            if comp.get("in_domain", {}).get("reference"):
+                diffs.append((f"{comp['in_domain']['reference']} (best matrix)", 0.0, 0.0, 0.0, False))
+            for label, row in sorted(rows.items(), key=lambda kv: (kv[1].get("tensor", False), -kv[1]["diff"])):
+                diffs.append((label, row["diff"], row["low"], row["high"], row.get("tensor", False)))
+    heights = [5, 0.28 * len(all_rows) + 1] + ([0.28 * len(diffs) + 1] if diffs else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(max(10, 1.3 * len(tasks) + 4), sum(heights) + 4),
+                             gridspec_kw={"height_ratios": heights})
+    ax1, ax2 = axes[0], axes[1]
+    if diffs:
+        ax3 = axes[2]
+        y3 = np.arange(len(diffs))
+        d = np.array([x[1] for x in diffs])
+        err = np.array([[x[1] - x[2] for x in diffs], [x[3] - x[1] for x in diffs]])
+        ax3.errorbar(d, y3, xerr=err, fmt="none", ecolor="0.3", capsize=2)
+        ax3.scatter(d, y3, c=["tab:red" if x[4] else "tab:blue" for x in diffs], zorder=3)
+        ax3.axvline(0, color="0.5", lw=0.8)
+        ax3.axvline(0.02, color="tab:green", lw=0.8, ls="--")
+        ax3.set_yticks(y3, [x[0] for x in diffs], fontsize=7)
+        ax3.invert_yaxis()
+        ax3.set_xlabel("difference to the best matrix merge at the same output rank (test mean; paired 95% CI)")
+        ax3.set_title("Matched output rank (red: tensor merges; dashed: the decision rule's +2 points)")
     cmap = plt.get_cmap("tab20")
     x = np.arange(len(tasks) + 1)
     width = 0.85 / max(len(bars), 1)

@@ -112,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"sources regime: the skills (default {' '.join(SKILL_SOURCES)}; quick: reverse lookup)")
     p.add_argument("--sources-per-skill", type=int, default=None,
                    help="sources regime: training sources per skill (default 3, the most; quick 2)")
+    p.add_argument("--single-skill-rank-mults", nargs="+", default=None,
+                   help="sources regime: output ranks of the single-skill merges (default: --rank-mults)")
     p.add_argument("--single-skill", choices=["all", "first", "none"], default="all",
                    help="sources regime: merge each skill's adapters alone too, on every seed (all), the first seed "
                         "(first) or not (none)")
@@ -165,6 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="folder for quality.md / quality.json / quality.png")
+    p.add_argument("--stem", default=None,
+                   help="file name stem of the outputs (default: quality for --regime tasks, quality_<regime> else)")
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "quality",
                    help="adapter cache (keyed by a hash of the training config)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -179,7 +183,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
-    for mult in args.rank_mults:
+    if args.stem is not None and (Path(args.stem).name != args.stem or args.stem in ("", ".", "..")):
+        p.error(f"--stem {args.stem!r}: give a plain file name stem (no folder); the folder is --out")
+    if args.single_skill_rank_mults is None:
+        args.single_skill_rank_mults = list(args.rank_mults)
+    for mult in args.rank_mults + args.single_skill_rank_mults:
         if mult != "T" and not (mult.isdigit() and int(mult) > 0):
             p.error(f"--rank-mults: {mult!r} is neither a positive integer nor T")
     args.skill_sources = {}
@@ -325,7 +333,8 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
                         "merge_seconds": merge_s[s.label], "search_seconds": search_s if s is lead else 0.0,
                         "test_seconds": test_s}
         logger.info("%s%s seed %d: lambda %s (%s), test mean %.3f  [merge %.1fs, search %.0fs, test %.0fs]",
-                    prefix and "TC ", s.label, seed, "n/a" if ignored else f"{best:g}", out[s.label]["lambda_source"],
+                    {"tc_": "TC ", "skill_": "single skill: "}.get(prefix, ""), s.label, seed,
+                    "n/a" if ignored else f"{best:g}", out[s.label]["lambda_source"],
                     sum(acc.values()) / len(acc), merge_s[s.label], search_s if s is lead else 0.0, test_s)
     for name in names.values():
         pm.delete_adapter(name)
@@ -476,7 +485,8 @@ def _run_single_skill(pm, tok, args, seed: int, first: int, val, test, lambdas, 
     for skill, (srcs, unseen) in args.skill_sources.items():
         if len(srcs) < 2:
             continue
-        specs, _ = build_specs(r, len(srcs), args.density, output_ranks(args.rank_mults, r, len(srcs)), args.methods)
+        specs, _ = build_specs(r, len(srcs), args.density, output_ranks(args.single_skill_rank_mults, r, len(srcs)),
+                               args.methods)
         sub_val = {t: val[t] for t in srcs}
         sub_test = {t: test[t] for t in [*srcs, unseen] if t in test}
         for group in tqdm(group_specs(specs), desc=f"{skill} alone, seed {seed}", disable=not progress):
@@ -573,7 +583,7 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
         seen: set[str] = set()
         for srcs, _ in args.skill_sources.values():
             for s in build_specs(args.rank, len(srcs), args.density,
-                                 output_ranks(args.rank_mults, args.rank, len(srcs)), args.methods)[0]:
+                                 output_ranks(args.single_skill_rank_mults, args.rank, len(srcs)), args.methods)[0]:
                 if s.label not in seen:
                     seen.add(s.label)
                     per_skill_methods.append(s.to_dict())
@@ -653,7 +663,7 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
         "wall_seconds": wall,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = OUT_NAMES[args.regime]
+    stem = args.stem or OUT_NAMES[args.regime]
     atomic_write_text(args.out / f"{stem}.json", json.dumps(data, indent=1, default=str) + "\n")
     write_markdown(data, args.out / f"{stem}.md")
     write_plot(data, args.out / f"{stem}.png")
