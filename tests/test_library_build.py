@@ -12,6 +12,7 @@ from _library import make_tiny_model
 from safetensors.torch import load_file, save_file
 
 from peft_cp_merge import merge_adapters
+from peft_cp_merge._io import OutputRefusedError, SourceChangedError
 from peft_cp_merge.errors import MergeInputError, UnknownMergeMethodError
 from peft_cp_merge.library import AdapterLibrary, LibraryConfigError, LibraryError, LibraryExistsError
 from peft_cp_merge.library.cluster import cluster_adapters, sketch_adapters
@@ -142,14 +143,14 @@ def test_from_adapters_library_lists_members_and_clusters_equal_their_merge(buil
     meta = json.loads((lib.path / "library.json").read_text())
     assert meta["kind"] == "built" and meta["format_version"] == 2 and meta["num_adapters"] == 9
     assert meta["embedding_model"] is None and not (lib.path / "centroids.safetensors").exists()
+    assert meta["written_by"] == {"tool": "peft-cp-merge", "kind": "adapter-library"}  # overwrite may replace it
     assert lib.num_clusters == 3 and lib.sizes == [3, 3, 3] and lib.kind == "built"
     listed = [[m["source"] for m in c["members"]] for c in meta["clusters"]]
     assert sorted(x for c in listed for x in c) == sorted(str(f) for f in folders)
     assert _same_partition([next(i for i, c in enumerate(listed) if str(f) in c) for f in folders], labels)
-    for i, c in enumerate(meta["clusters"]):
+    for c in meta["clusters"]:
         assert c["status"] == "done" and c["rank"] == 2 and c["sha256"] == adapter_checksum(lib.path / c["name"])
-        ref = merge_adapters(c["previews"] and [m["source"] for m in c["members"]], method="cp", rank=2,
-                             progress=False)
+        ref = merge_adapters([m["source"] for m in c["members"]], method="cp", rank=2, progress=False)
         got = load_file(str(lib.path / c["name"] / "adapter_model.safetensors"))
         assert got.keys() == ref.tensors.keys()
         for key in got:
@@ -207,11 +208,19 @@ def test_refusals(template, tmp_path):
     folders, _ = _planted(tpl, tmp_path / "src", 2, 2, seed=1)
     srcs = [str(f) for f in folders]
     out = tmp_path / "lib"
-    with pytest.raises(LibraryExistsError, match="overlaps the source adapter"):
+    with pytest.raises(OutputRefusedError, match="is inside the source"):
         AdapterLibrary.from_adapters(srcs, 2, out=folders[0] / "lib", progress=False)
-    with pytest.raises(LibraryExistsError, match="overlaps the source adapter"):
+    with pytest.raises(OutputRefusedError, match="not written by peft-cp-merge"):  # holds the sources
         AdapterLibrary.from_adapters(srcs, 2, out=tmp_path / "src", overwrite=True, progress=False)
     assert all((f / "adapter_model.safetensors").is_file() for f in folders)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(LibraryExistsError, match="already exists"):
+        AdapterLibrary.from_adapters(srcs, 2, out=mine, progress=False)
+    with pytest.raises(OutputRefusedError):  # overwrite replaces only a library this package wrote
+        AdapterLibrary.from_adapters(srcs, 2, out=mine, overwrite=True, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep"
     with pytest.raises(LibraryConfigError, match="are the same adapter"):
         AdapterLibrary.from_adapters(srcs + [srcs[0] + "/"], 2, out=out, progress=False)
     other = tmp_path / "other"
@@ -247,3 +256,25 @@ def test_library_json_of_a_built_library_is_checked(built, tmp_path):
     (bad / "library.json").write_text(json.dumps(meta))
     with pytest.raises(LibraryFormatError, match="format version 3.*reads up to 2"):
         AdapterLibrary.from_pretrained(bad)
+
+
+def test_a_source_changed_after_clustering_is_refused(template, tmp_path, monkeypatch):
+    """The adapters merged are the ones clustered: a source rewritten in between stops the build, nothing written."""
+    import os
+
+    from peft_cp_merge.library import build
+
+    _, _, tpl = template
+    folders, _ = _planted(tpl, tmp_path / "src", 2, 2, seed=5)
+    real = build.plan_build
+
+    def plan_then_touch(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        f = folders[1] / "adapter_model.safetensors"
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+        return plan
+
+    monkeypatch.setattr(build, "plan_build", plan_then_touch)
+    with pytest.raises(SourceChangedError, match="changed while building the library"):
+        AdapterLibrary.from_adapters([str(f) for f in folders], 2, out=tmp_path / "lib", progress=False)
+    assert not (tmp_path / "lib").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -192,8 +192,8 @@ def cmd_build(args) -> int:
 
     lib = AdapterLibrary.from_adapters(
         args.sources, args.num_clusters, out=args.out, method=args.method, rank=args.rank, overwrite=args.overwrite,
-        base_model=args.base_model, min_clusters=args.min_clusters, max_clusters=args.max_clusters, seed=args.seed,
-        **dict(args.option))
+        wait=args.wait, base_model=args.base_model, min_clusters=args.min_clusters, max_clusters=args.max_clusters,
+        seed=args.seed, **dict(args.option))
     print(f"Library written to {lib.path} ({len(args.sources)} adapters in {lib.num_clusters} clusters, merged "
           f"with {args.method!r})\n\n{lib.cluster_table()}")
     return 0
@@ -224,7 +224,10 @@ def _add_build(sub) -> None:
     p.add_argument("--base-model", default=None, metavar="MODEL",
                    help="record this base model instead of requiring all sources to name the same one")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sketch and k-means (default: 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out folder (only an adapter library this tool wrote)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing --out, wait for it instead of refusing")
     p.set_defaults(func=cmd_build)
 
 

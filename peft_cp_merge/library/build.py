@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._io import check_output_folder, now, package_versions
+from .._io import MARKER_FIELD, check_disjoint, check_output_folder, file_identities, marker, now, package_versions
 from ..errors import MergeInputError
 from .errors import LibraryConfigError, LibraryExistsError
 
@@ -38,18 +38,6 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_disjoint(out: Path, sources) -> None:
-    """The output folder is none of the sources, inside none and contains none (an overwrite would delete them)."""
-    target = Path(os.path.realpath(out))
-    for s in sources:
-        p = Path(os.path.realpath(s.path))
-        if target == p or target in p.parents or p in target.parents:
-            raise LibraryExistsError(
-                f"Output folder {str(out)!r} overlaps the source adapter {s.spec!r} ({p}); writing there could "
-                "destroy the adapters being read. Choose an output folder outside every source."
-            )
-
-
 @dataclass
 class BuildPlan:
     """A checked build (:func:`plan_build`): the resolved sources, their clustering and each cluster's rank.
@@ -65,10 +53,20 @@ class BuildPlan:
     rank: int | None
     options: dict[str, Any]
     settings: dict[str, Any]
+    identities: dict[str, tuple[int, int, int, int]]  # the source files as clustered (size, mtime, inode, device)
 
     @property
     def num_clusters(self) -> int:
         return len(self.members)
+
+    @property
+    def source_paths(self) -> list[Path]:
+        return [s.path for s in self.sources]
+
+    @property
+    def needed_bytes(self) -> int:
+        """About what the library takes on disk: one adapter file (the largest source's) per cluster."""
+        return self.num_clusters * max(s.weights_file.stat().st_size for s in self.sources)
 
     def merge_cluster(self, i: int, folder: Path, name: str) -> dict[str, Any]:
         """Merge cluster ``i``'s members into the new adapter folder ``folder``; returns its ``library.json``
@@ -104,6 +102,7 @@ class BuildPlan:
                       "weights": "1/size per cluster"},
             "clusters": clusters,
             "versions": package_versions(),
+            MARKER_FIELD: marker("adapter-library"),  # what lets overwrite=True replace it later
         }
 
 
@@ -163,8 +162,8 @@ def plan_build(
     m.resolve_options(dict(options))
     m.resolve_rank(rank, option="rank")
     out = Path(out)
-    try:
-        check_output_folder(out, overwrite=overwrite)
+    try:  # an existing out only with overwrite, and then only a library this package wrote
+        check_output_folder(out, overwrite=overwrite, kind="adapter-library")
     except FileExistsError as e:
         raise LibraryExistsError(str(e)) from None
 
@@ -177,7 +176,8 @@ def plan_build(
             raise LibraryConfigError(f"Sources {seen[key]!r} and {s.spec!r} are the same adapter; give each adapter "
                                      "once (a duplicate would weigh twice in its cluster).")
         seen[key] = s.spec
-    _check_disjoint(out, srcs)
+    check_disjoint(out, sources=[s.path for s in srcs])  # an overwrite there would delete the adapters being read
+    identities = file_identities([f for s in srcs for f in (s.path / "adapter_config.json", s.weights_file)])
     bases = {s.spec: s.config.base_model_name_or_path for s in srcs}
     if base_model is None:
         if len(set(bases.values())) > 1:
@@ -207,4 +207,5 @@ def plan_build(
                            "own rank: this library is not Arrow-ready. Pass rank=R (--rank) for one rank.",
                            [i for i, r in enumerate(ranks) if r is None], top)
     settings = {"sketch_dim": sketch_dim, "components": components, "seed": seed}
-    return BuildPlan(out, srcs, base_model, members, ranks, clustering, method, rank, dict(options), settings)
+    return BuildPlan(out, srcs, base_model, members, ranks, clustering, method, rank, dict(options), settings,
+                     identities)

@@ -242,7 +242,7 @@ class AdapterLibrary:
 
     @classmethod
     def from_adapters(cls, sources: Sequence[str | Path], num_clusters: int | None = None, *, out: str | Path,
-                      method: str = "cp", rank: int | None = None, overwrite: bool = False,
+                      method: str = "cp", rank: int | None = None, overwrite: bool = False, wait: bool = False,
                       **kwargs) -> AdapterLibrary:
         """A library from LoRA adapters you already have: cluster them by their parameters and merge each cluster.
 
@@ -256,12 +256,15 @@ class AdapterLibrary:
         at ``rank`` (default: the largest source rank for every cluster that can reach it, so the library is
         Arrow-ready). ``library.json`` lists each cluster's members.
 
-        Written to ``out`` atomically (temporary folder, then rename); an existing ``out`` is refused unless
-        ``overwrite``, and ``out`` may not overlap a source. Other keyword arguments: ``base_model``,
+        Written to ``out`` atomically (temporary folder, then rename) under the output's lock (another writer is
+        refused unless ``wait``); an existing ``out`` is refused unless ``overwrite``, which replaces only a library
+        this package wrote; ``out`` may not be, contain or be inside a source; a source file that changes between
+        the clustering and the merges is refused, nothing written. Other keyword arguments: ``base_model``,
         ``min_clusters``, ``max_clusters``, ``sketch_dim`` (16), ``components`` (32), ``n_init``, ``seed``,
         ``token``, ``progress``. The result has no text centroids: :meth:`route` refuses it; :meth:`merge`,
         :meth:`arrow_model`, :meth:`load_into` and ``push_to_hub`` work.
         """
+        from .._io import check_unchanged
         from .build import plan_build
 
         plan = plan_build(sources, out, num_clusters=num_clusters, method=method, rank=rank, overwrite=overwrite,
@@ -272,13 +275,14 @@ class AdapterLibrary:
             for i in range(plan.num_clusters):
                 clusters.append(plan.merge_cluster(i, tmp / cluster_dirname(i), cluster_dirname(i)))
                 clusters[-1]["sha256"] = adapter_checksum(tmp / cluster_dirname(i))
-            meta = {**plan.meta(FORMAT, clusters), MARKER_FIELD: marker("adapter-library")}
+            check_unchanged(plan.identities, "building the library")  # the files clustered are the ones merged
+            meta = plan.meta(FORMAT, clusters)  # with the marker that lets overwrite=True replace it later
             atomic_write_json(tmp / LIBRARY_FILE, meta)
             atomic_write_text(tmp / CARD_FILE, render_card(meta))
 
         try:
-            atomic_folder(plan.out, write, overwrite=overwrite, kind="adapter-library",
-                          sources=[src.path for src in plan.sources])
+            atomic_folder(plan.out, write, overwrite=overwrite, kind="adapter-library", wait=wait,
+                          sources=plan.source_paths, needed=plan.needed_bytes)
         except FileExistsError as e:
             raise LibraryExistsError(str(e)) from None
         return cls.from_pretrained(plan.out)
