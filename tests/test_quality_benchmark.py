@@ -305,3 +305,16 @@ def test_decide_recomputes_matched_rank_from_stored_hits():
     assert abs(comp["rows"]["cp/orth R=8"]["diff"] - 0.25) < 1e-12
     lines = table({"tasks": comp})
     assert lines[2].startswith("| cp/orth R=8 | **+25.0 [") and lines[2].endswith("| yes |")
+
+
+def test_lambda_search_walks_past_a_plateau():
+    """The walk stops after two grid values in a row *below* the best; ties are not below it. A merge that scores 0
+    at the low end of the grid (too weak to change an answer) must still reach its peak."""
+    from benchmarks.quality.merging import search_lambda
+
+    scores = {0.0625: 0.0, 0.125: 0.0, 0.25: 0.0, 0.5: 0.2, 1.0: 0.5, 2.0: 0.4, 4.0: 0.3, 8.0: 0.9}
+    best, curve = search_lambda(lambda lam: {"a": scores[lam]}, list(scores))
+    assert best == 1.0 and list(curve) == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
+    scores = {1.0: 0.5, 2.0: 0.5, 4.0: 0.4, 8.0: 0.3, 16.0: 0.9}  # tie keeps the smaller lambda, then two below
+    best, curve = search_lambda(lambda lam: {"a": scores[lam]}, list(scores))
+    assert best == 1.0 and list(curve) == [1.0, 2.0, 4.0, 8.0]

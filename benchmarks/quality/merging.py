@@ -318,8 +318,9 @@ def search_lambda(score: Callable[[float], dict[str, float]], grid: Sequence[flo
                   patience: int | None = 2) -> tuple[float, dict]:
     """Walk the ascending ``grid``, scoring ``score(lam)`` (per-task validation accuracy); the best mean wins (the
     smaller lambda on ties). With ``patience``, stop after that many consecutive grid values below the best so far
-    (accuracy falls off on both sides of its peak; the same rule for every method). Returns ``(best, {lam: {"per_task":
-    ..., "mean": ...}})``; the curve holds only the values scored."""
+    (accuracy falls off on both sides of its peak; the same rule for every method); a tie with the best is not
+    below it and breaks the run (a plateau, e.g. 0 at the grid's low end, does not stop the walk). Returns
+    ``(best, {lam: {"per_task": ..., "mean": ...}})``; the curve holds only the values scored."""
     curve: dict[float, dict] = {}
     best, worse = None, 0
     for lam in sorted(grid):
@@ -327,10 +328,12 @@ def search_lambda(score: Callable[[float], dict[str, float]], grid: Sequence[flo
         curve[lam] = {"per_task": per_task, "mean": mean(per_task.values())}
         if best is None or curve[lam]["mean"] > curve[best]["mean"]:
             best, worse = lam, 0
-        else:
+        elif curve[lam]["mean"] < curve[best]["mean"]:
             worse += 1
             if patience and worse >= patience:
                 break
+        else:  # a tie is not below the best: it breaks the run (a merge that scores 0 at the grid's low end, where
+            worse = 0  # its updates are too weak to change an answer, keeps walking up)
     return best, curve
 
 
