@@ -206,7 +206,7 @@ def _config_rank(config: LoraConfig, module: str) -> int:
     return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
 
 
-def open_weights(src: AdapterSource, stack: contextlib.ExitStack):
+def open_weights(src: AdapterSource, stack: contextlib.ExitStack) -> Any:
     """``safe_open`` of a source's weights; a truncated or garbage file is a :class:`MergeInputError`."""
     from safetensors import SafetensorError, safe_open
 
@@ -219,7 +219,7 @@ def open_weights(src: AdapterSource, stack: contextlib.ExitStack):
         ) from None
 
 
-def index_modules(sources: Sequence[AdapterSource], handles) -> dict[str, list[_Entry]]:
+def index_modules(sources: Sequence[AdapterSource], handles: Sequence[Any]) -> dict[str, list[_Entry]]:
     """Module name -> the sources' entries for it, from the safetensors headers only (no tensor is read).
 
     Checked here, before anything is allocated: every tensor is a LoRA factor of a floating-point dtype, A and B

@@ -13,11 +13,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import DEFAULT_EMBEDDING_MODEL
 from .errors import EmbeddingModelError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ def resolve_embedding_model(name: str) -> str:
     return name
 
 
-def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL, *, device: str | torch.device | None = None):
+def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL, *, device: str | torch.device | None = None
+                  ) -> SentenceTransformer:
     """A ``SentenceTransformer`` for ``name`` (see :func:`resolve_embedding_model`); clear error when offline."""
     from sentence_transformers import SentenceTransformer
 
@@ -92,7 +97,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDING_MODEL, *, device: str | torch.de
         ) from e
 
 
-def embed_texts(texts: Sequence[str], embedder, *, batch_size: int = 64) -> torch.Tensor:
+def embed_texts(texts: Sequence[str], embedder: SentenceTransformer, *, batch_size: int = 64) -> torch.Tensor:
     """L2-normalised float32 embeddings ``(len(texts), dim)``."""
     if len(texts) == 0:
         return torch.zeros((0, _embedding_dim(embedder)), dtype=torch.float32)

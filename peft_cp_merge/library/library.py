@@ -23,7 +23,7 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +31,14 @@ from .._io import MARKER_FIELD, atomic_folder, atomic_write_json, atomic_write_t
 from .._schema import first_error
 from .cluster import Routing, route_embeddings
 from .errors import LibraryConfigError, LibraryError, LibraryExistsError, LibraryFormatError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+    from transformers import PreTrainedModel
+
+    from ..files.adapter import MergedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +343,7 @@ class AdapterLibrary:
             raise LibraryExistsError(str(e)) from None
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-                    commit_message: str | None = None, token: str | None = None):
+                    commit_message: str | None = None, token: str | None = None) -> CommitInfo:
         """Create ``repo_id`` (if needed) and upload the whole library in one commit (``HfApi.upload_folder``).
         Returns the commit info."""
         from huggingface_hub import HfApi
@@ -352,7 +360,8 @@ class AdapterLibrary:
                                  commit_message=message, ignore_patterns=[".*", "**/.*", f"**/{STATE_FILE}"])
 
     # using
-    def load_into(self, model, *, clusters: Sequence[int] | None = None, is_trainable: bool = False):
+    def load_into(self, model: PreTrainedModel | PeftModel, *, clusters: Sequence[int] | None = None,
+                  is_trainable: bool = False) -> PeftModel:
         """Load the cluster adapters into ``model`` (a transformers model or a ``PeftModel``) as
         ``cluster_<i>``; returns the ``PeftModel``. The first loaded cluster is the active adapter."""
         from peft import PeftModel
@@ -370,7 +379,7 @@ class AdapterLibrary:
         return model
 
     def merge(self, method: str = "cp", weights: Sequence[float] | str | None = None, *, rank: int | None = None,
-              clusters: Sequence[int] | None = None, **options):
+              clusters: Sequence[int] | None = None, **options: Any) -> MergedAdapter:
         """Merge the cluster adapters into one with the adapter-file engine
         (:func:`peft_cp_merge.merge_adapters`); returns its merged-adapter object (``save_pretrained(dir)``).
 
@@ -395,7 +404,7 @@ class AdapterLibrary:
         return merged
 
     def route(self, texts: str | Sequence[str], top_k: int = 1, temperature: float = 0.05, *,
-              embedder=None) -> Routing:
+              embedder: SentenceTransformer | None = None) -> Routing:
         """Clusters for new inputs: cosine similarity of their embeddings (the library's embedding model) to the
         centroids; ``.top1`` gives one id per text, ``.ids``/``.weights`` the ``top_k`` clusters with softmax
         weights at ``temperature``."""
@@ -422,9 +431,9 @@ class AdapterLibrary:
             )
         return route_embeddings(emb, self.centroids, top_k=top_k, temperature=temperature)
 
-    def arrow_model(self, base_model, top_k: int = 3, router_temperature: float = 1.0,
+    def arrow_model(self, base_model: PreTrainedModel, top_k: int = 3, router_temperature: float = 1.0,
                     general_adapters: Sequence[str | Path] | None = None, *, clusters: Sequence[int] | None = None,
-                    rng_seed: int | None = None, **load_kwargs):
+                    rng_seed: int | None = None, **load_kwargs: Any) -> PeftModel:
         """PEFT's Arrow model (``peft.create_arrow_model``, peft >= 0.18) over the cluster adapters: per token and
         layer, the ``top_k`` clusters whose prototype (top right singular vector of ``B A``) is most aligned with
         the hidden state, softmax-mixed at ``router_temperature``. Unlike :meth:`route` it needs no embedding model

@@ -44,7 +44,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -92,6 +92,12 @@ from .store import (
     public_stats,
     save_cluster,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from accelerate import Accelerator
+    from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +192,9 @@ def _local_sources(config: LibraryTrainConfig, dataset) -> list[Path]:
     return found
 
 
-def train_library(config: LibraryTrainConfig, *, dataset=None, accelerator=None, wait: bool = False
+def train_library(config: LibraryTrainConfig, *,
+                  dataset: Dataset | DatasetDict | Sequence[Mapping[str, Any]] | None = None,
+                  accelerator: Accelerator | None = None, wait: bool = False
                   ) -> AdapterLibrary:
     """Build (or resume) the adapter library described by ``config``; returns it on every rank.
 
@@ -454,10 +462,10 @@ def _train_cluster(peft_model, tokenizer, records, c: int, config: LibraryTrainC
 
 
 def fit_adapter(
-    model,
+    model: torch.nn.Module,
     rows: Sequence[tuple[list[int], list[int]]],
     *,
-    accelerator,
+    accelerator: Accelerator,
     pad_token_id: int,
     steps: int,
     batch_size: int,
