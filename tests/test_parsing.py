@@ -282,3 +282,43 @@ def test_same_adapter_twice_through_both_front_ends(saved, tmp_path):
         update = B.flatten(1) @ A.flatten(1)
         ref = 0.8 * delta_matrix(layer, "x")
         assert float((update - ref).norm() / ref.norm()) < 1e-9, key
+
+
+# --- library cards and deep JSON -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["trained", "built"])
+def test_hostile_names_keep_the_library_card_structure(kind):
+    """A library card's names (base model, embedding model, built members) and its yaml block cannot add a fence,
+    an HTML comment or a field, whatever they hold; the yaml block reads back as what was written."""
+    from peft_cp_merge.library.library import render_card
+
+    evil = "x\n```\n<!-- y -->\n~~~\n`z`"
+    meta = {"base_model": evil, "embedding_model": evil, "clusters": [
+        {"name": "cluster_0", "size": 2, "status": "done", "previews": [evil],
+         "members": [{"source": HOSTILE_NAMES[0]}, {"source": evil}]}],
+        "training": {"num_clusters": 1, "lora_r": 8, "target_modules": [evil]}}
+    if kind == "built":
+        meta.update(kind="built", num_adapters=2, clustering={"method": evil}, merge={"method": "cp", "rank": 8})
+    text = render_card(meta)
+    fences = [line for line in text.splitlines() if line.lstrip().startswith(("```", "~~~"))]
+    assert fences == ["```python", "```", "```yaml", "```"]
+    assert "<!--" not in text
+    block = text.split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    expected = ({"clustering": meta["clustering"], "merge": meta["merge"]} if kind == "built"
+                else meta["training"])
+    assert load_yaml(block, "card") == expected
+
+
+def test_deeply_nested_json_is_one_clear_error(saved, tmp_path):
+    from peft_cp_merge.library import AdapterLibrary, LibraryFormatError
+
+    folder = tmp_path / "deep"
+    shutil.copytree(saved[1][0], folder)
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(MergeInputError, match="nested too deeply"):
+        merge_adapters([str(folder), saved[1][1]], progress=False)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "library.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LibraryFormatError, match="nested too deeply"):
+        AdapterLibrary.from_pretrained(lib)

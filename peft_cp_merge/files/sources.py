@@ -156,6 +156,8 @@ def _read_config(path: Path, spec: str) -> LoraConfig:
         raw = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MergeInputError(f"{spec!r}: {CONFIG_FILE} is not valid JSON ({e}).") from None
+    except RecursionError:
+        raise MergeInputError(f"{spec!r}: {CONFIG_FILE} is nested too deeply to be an adapter config.") from None
     if not isinstance(raw, dict):
         check_raw_lora_config(raw, spec)
     peft_type = str(raw.get("peft_type", "")).upper()

@@ -77,7 +77,9 @@ def adapter_checksum(folder: str | Path) -> str:
 def _cell(text: str, n: int = 60) -> str:
     t = " ".join(str(text).split())
     t = t if len(t) <= n else t[: n - 1] + "…"
-    return t.replace("|", "\\|")
+    from ..files.adapter import _md
+
+    return _md(t)  # a sample is untrusted text: no markup, HTML comment or cell break
 
 
 def cluster_table(meta: dict[str, Any]) -> str:
@@ -96,9 +98,8 @@ def cluster_table(meta: dict[str, Any]) -> str:
 def render_card(meta: dict[str, Any]) -> str:
     """The library's README.md: a Hub model card (:func:`peft_cp_merge.files.adapter.model_card`) with the cluster
     table, the plot, how to use it and the training recipe."""
-    import yaml
-
-    from ..files.adapter import model_card
+    from ..files.adapter import _md, model_card
+    from ..files.recipe import dump_recipe
 
     training = meta.get("training", {})
     keep = ("num_clusters", "lora_r", "lora_alpha", "target_modules", "max_steps", "batch_size", "learning_rate",
@@ -109,8 +110,8 @@ def render_card(meta: dict[str, Any]) -> str:
         return _built_card(meta)
     body = (
         f"\n# TC-LoRA adapter library: {len(meta['clusters'])} cluster adapters\n\n"
-        f"One LoRA adapter per cluster of the training examples, clustered with `{meta.get('embedding_model')}` "
-        f"embeddings (KMeans), on base model `{meta.get('base_model')}`. Built with "
+        f"One LoRA adapter per cluster of the training examples, clustered with {_md(meta.get('embedding_model'))} "
+        f"embeddings (KMeans), on base model {_md(meta.get('base_model'))}. Built with "
         "[peft-cp-merge](https://pypi.org/project/peft-cp-merge/) (`peft-cp-merge library train`).\n\n"
         f"{cluster_table(meta)}\n{plot}\n"
         "## Use\n\n```python\nfrom peft_cp_merge.library import AdapterLibrary\n\n"
@@ -118,7 +119,7 @@ def render_card(meta: dict[str, Any]) -> str:
         "ids = lib.route([\"your prompt\"]).top1        # cluster of each input\n"
         "peft_model = lib.load_into(base_model)         # every cluster adapter, named cluster_<i>\n"
         "merged = lib.merge(method=\"cp\")                # one adapter (CP merge)\n```\n\n"
-        "## Training recipe\n\n```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
+        "## Training recipe\n\n```yaml\n" + dump_recipe(recipe) + "```\n"
     )
     return model_card(body, base_model=meta.get("base_model"), relation="adapter",
                       tags=["lora", "peft-cp-merge", "tc-lora", "adapter-library"])
@@ -126,25 +127,23 @@ def render_card(meta: dict[str, Any]) -> str:
 
 def _built_card(meta: dict[str, Any]) -> str:
     """The model card of a library built from existing adapters (:meth:`AdapterLibrary.from_adapters`)."""
-    import yaml
-
-    from ..files.adapter import model_card
+    from ..files.adapter import _md, model_card
+    from ..files.recipe import dump_recipe
 
     merge = meta.get("merge", {})
-    members = "\n".join(f"- `{c['name']}`: " + ", ".join(f"`{m['source']}`" for m in c["members"])
+    members = "\n".join(f"- {_md(c['name'])}: " + ", ".join(_md(m["source"]) for m in c["members"])
                         for c in meta["clusters"])
     body = (
         f"\n# Adapter library: {len(meta['clusters'])} clusters of {meta.get('num_adapters')} LoRA adapters\n\n"
         "Existing LoRA adapters clustered by their parameters (k-means on a sketch of their updates) and merged "
-        f"per cluster with `{merge.get('method')}`, on base model `{meta.get('base_model')}`. Built with "
+        f"per cluster with `{merge.get('method')}`, on base model {_md(meta.get('base_model'))}. Built with "
         "[peft-cp-merge](https://pypi.org/project/peft-cp-merge/) (`peft-cp-merge library build`).\n\n"
         f"{cluster_table(meta)}\n\n## Members\n\n{members}\n\n"
         "## Use\n\n```python\nfrom peft_cp_merge.library import AdapterLibrary\n\n"
         "lib = AdapterLibrary.from_pretrained(\"<this repo or folder>\")\n"
         "arrow = lib.arrow_model(base_model)            # route per token over the clusters (PEFT's Arrow)\n"
         "merged = lib.merge(method=\"cp\")                # one adapter\n```\n\n"
-        "## Build\n\n```yaml\n" + yaml.safe_dump({"clustering": meta.get("clustering"), "merge": merge},
-                                                  sort_keys=False) + "```\n"
+        "## Build\n\n```yaml\n" + dump_recipe({"clustering": meta.get("clustering"), "merge": merge}) + "```\n"
     )
     return model_card(body, base_model=meta.get("base_model"), relation="adapter",
                       tags=["lora", "peft-cp-merge", "adapter-library"])
@@ -509,6 +508,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LibraryFormatError(f"{f} is not valid JSON ({e}); the library is corrupt.") from e
+    except RecursionError:
+        raise LibraryFormatError(f"{f} is nested too deeply to be a {LIBRARY_FILE}; the library is corrupt.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LibraryFormatError(f"{f} is not a {FORMAT} file (expected a JSON object with \"format\": "
                                  f"\"{FORMAT}\").")
