@@ -10,6 +10,18 @@
    and extrapolates both to the whole model (dense CP from a few ALS iterations to the 100 that `cp` runs at most).
 4. Measures how `cp`'s per-module time grows with the number of adapters, the LoRA rank and the hidden size.
 Writes `benchmarks/results/merge_speed.{md,json,png}` and prints the table.
+
+    python benchmarks/merge_speed.py --sweep library          # library scale (issue 24; ~1 h on 2 cores)
+    python benchmarks/merge_speed.py --sweep library --quick  # the same code on 2 layers, T = 4 and 8 (seconds)
+    python benchmarks/merge_speed.py --busy                   # next to a competing 2-thread torch process
+
+`--sweep library`: whole-model merges of T = 10, 64, 256 adapters (rank 4; rank 16 up to T = 64) with Phi-3-mini
+and Mistral-7B shapes, methods cp, tucker (when registered), iso_c, tsv, each in a fresh interpreter with its peak
+RSS; the floor is the Gram matrices' (T r)^2 (out + in) multiply-adds per module at this machine's matmul rate,
+measured in the same run. Adapters are generated once under `$MERGE_SPEED_CACHE` (default /tmp/merge_speed_cache);
+the T-adapter merges use the first T of 256 (64) folders. Writes `results/merge_speed_library.{md,json,png}`.
+`--busy`: the quarter-Mistral cp merge (10 rank-16 adapters, 8 layers, 56 modules) and the dense peer (LAPACK SVD
+of one 4096 x 4096 update), each alone and next to a competing process; writes `results/merge_speed_busy.{md,json}`.
 """
 
 from __future__ import annotations
@@ -43,27 +55,31 @@ MISTRAL = {  # module -> (out, in)
 logger = logging.getLogger("merge_speed")
 
 
-def write_adapters(n_adapters: int, rank: int, layers: int, dtype: torch.dtype) -> list[Path]:
-    """Real PEFT adapter folders with random factors (cached by their parameters)."""
+def write_adapters(n_adapters: int, rank: int, layers: int, dtype: torch.dtype, shapes: dict | None = None,
+                   cache: Path = CACHE, model: str = "mistral", base_model: str = BASE_MODEL) -> list[Path]:
+    """Real PEFT adapter folders with random factors (cached by their parameters; only missing ones are written)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    root = CACHE / f"mistral_T{n_adapters}_r{rank}_L{layers}_{str(dtype).removeprefix('torch.')}"
+    shapes = shapes or MISTRAL
+    root = cache / f"{model}_T{n_adapters}_r{rank}_L{layers}_{str(dtype).removeprefix('torch.')}"
     dirs = [root / f"adapter_{t}" for t in range(n_adapters)]
     if all((d / "adapter_model.safetensors").exists() for d in dirs):
         return dirs
     for t, d in enumerate(dirs):
+        if (d / "adapter_model.safetensors").exists():
+            continue
         g = torch.Generator().manual_seed(t)
         tensors = {}
         for layer in range(layers):
-            for name, (out, inn) in MISTRAL.items():
+            for name, (out, inn) in shapes.items():
                 key = f"base_model.model.model.layers.{layer}.{name}"
                 tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, inn, generator=g) / inn**0.5).to(dtype)
                 tensors[f"{key}.lora_B.weight"] = (torch.randn(out, rank, generator=g) * 0.01).to(dtype)
         d.mkdir(parents=True, exist_ok=True)
         LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=[n.split(".")[1] for n in MISTRAL],
-            base_model_name_or_path=BASE_MODEL,
+            r=rank, lora_alpha=2 * rank, target_modules=[n.split(".")[1] for n in shapes],
+            base_model_name_or_path=base_model,
         ).save_pretrained(d)
         save_file(tensors, str(d / "adapter_model.safetensors.tmp"))
         os.replace(d / "adapter_model.safetensors.tmp", d / "adapter_model.safetensors")
@@ -71,9 +87,29 @@ def write_adapters(n_adapters: int, rank: int, layers: int, dtype: torch.dtype) 
     return dirs
 
 
-def child(method: str, sources: list[str], rank: int) -> None:
-    """Run in a fresh interpreter: one `merge_adapters` call; prints time and peak RSS as JSON."""
+def child(method: str, sources: list[str], rank: int, warm: bool = False) -> None:
+    """Run in a fresh interpreter: one `merge_adapters` call (or, for ``dense_svd``, the dense peer: LAPACK SVD of
+    the weighted sum of the first q_proj update, 4096 x 4096); prints time and peak RSS as JSON. With ``warm`` the
+    package's lazy imports (peft, for the merged config: 3-13 s on this machine) are done before the clock starts
+    and reported as ``import_seconds``."""
     import peft_cp_merge
+
+    import_seconds = None
+    if warm:
+        t = time.perf_counter()
+        import peft_cp_merge.config  # noqa: F401  (imports peft)
+        import peft_cp_merge.files.merge  # noqa: F401
+
+        import_seconds = time.perf_counter() - t
+
+    if method == "dense_svd":
+        factors = load_module([Path(s) for s in sources], "base_model.model.model.layers.0.self_attn.q_proj")
+        dense = sum(2.0 / len(factors) * B @ A for A, B in factors)
+        t = time.perf_counter()
+        torch.linalg.svd(dense, full_matrices=False)
+        print(json.dumps({"method": method, "seconds": time.perf_counter() - t,
+                          "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        return
 
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()
@@ -82,15 +118,45 @@ def child(method: str, sources: list[str], rank: int) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     n_modules = merged.stats["modules"]
     print(json.dumps({"method": method, "seconds": seconds, "peak_rss": peak, "base_rss": base_rss,
-                      "modules": n_modules}))
+                      "modules": n_modules, "import_seconds": import_seconds}))
 
 
-def run_child(method: str, sources: list[Path], rank: int) -> dict:
+def run_child(method: str, sources: list[Path], rank: int, timeout: float | None = None,
+              max_rss: float | None = None, warm: bool = False) -> dict:
+    """`child` in a fresh interpreter. With ``timeout`` (s) or ``max_rss`` (bytes) it is watched and stopped past
+    either; the returned dict then says why (``stopped``) instead of raising."""
     cmd = [sys.executable, __file__, "--child", method, "--rank", str(rank), *map(str, sources)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"{method} merge failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    if warm:
+        cmd.insert(2, "--warm")
+    if timeout is None and max_rss is None:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"{method} merge failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    import psutil
+
+    start, stopped = time.perf_counter(), None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                rss = watched.memory_info().rss
+            except psutil.NoSuchProcess:
+                break
+            if max_rss is not None and rss > max_rss:
+                stopped = f"stopped: RSS over {max_rss / 2**30:.1f} GiB"
+            elif timeout is not None and time.perf_counter() - start > timeout:
+                stopped = f"stopped: over {timeout:.0f} s"
+            if stopped:
+                proc.kill()
+                break
+            time.sleep(0.2)
+        out, err = proc.communicate()
+    if stopped:
+        return {"method": method, "stopped": stopped, "seconds": time.perf_counter() - start}
+    if proc.returncode != 0:
+        return {"method": method, "stopped": f"failed: {err.strip().splitlines()[-1][:300] if err.strip() else ''}"}
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def load_module(sources: list[Path], key: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -190,6 +256,228 @@ def plot(results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+PHI3 = {  # module -> (out, in): microsoft/Phi-3-mini-4k-instruct, fused qkv and gate_up
+    "self_attn.qkv_proj": (9216, 3072),
+    "self_attn.o_proj": (3072, 3072),
+    "mlp.gate_up_proj": (16384, 3072),
+    "mlp.down_proj": (3072, 8192),
+}
+LIBRARY_MODELS = {  # name -> (shapes, base model id, factor dtype on disk)
+    # Phi-3-mini in float32 (the RSS target is against float32 adapters: 256 rank-4 ones are 6.4 GB); Mistral-7B in
+    # bfloat16, which halves its 256 rank-4 (10.7 GB) and 64 rank-16 (10.7 GB) folders on this disk
+    "phi3": (PHI3, "microsoft/Phi-3-mini-4k-instruct", torch.float32),
+    "mistral": (MISTRAL, BASE_MODEL, torch.bfloat16),
+}
+LIBRARY_CACHE = Path(os.environ.get("MERGE_SPEED_CACHE", "/tmp/merge_speed_cache"))
+# the competing process: a 2-thread torch matmul loop, in constant memory (no list of results)
+COMPETITOR = "import torch; torch.set_num_threads(2); a = torch.randn(2000, 2000)\nwhile True: a @ a"
+
+
+def matmul_rate(threads: int | None = None) -> float:
+    """This machine's float32 rate (FLOP/s) on the Gram product `cp` does, M M^T with M (8, 1024, 12288): best of 3."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    M = torch.randn(8, 1024, 12288)
+    best = float("inf")
+    for _ in range(4):  # the first one warms up
+        t = time.perf_counter()
+        M @ M.mT
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(before)
+    return 2 * 8 * 1024**2 * 12288 / best
+
+
+def gram_floor_flops(shapes: dict, layers: int, T: int, r: int) -> float:
+    """The FLOPs no factored joint merge avoids: the Gram matrices of the stacked factors, (T r)^2 (out + in)
+    multiply-adds per module (2 FLOPs each, as a GEMM counts them)."""
+    return 2.0 * (T * r) ** 2 * sum(out + inn for out, inn in shapes.values()) * layers
+
+
+def library_grid(quick: bool) -> list[tuple[str, int, int, tuple[str, ...] | None]]:
+    """(model, rank, T, methods or None for all) points. Rank 16 stops at T = 64: at T = 256 a rank-16 merge's
+    (T r) = 4096 Gram matrices cost 16x the rank-4 ones (the floor column states it), and its folders 26-43 GB of
+    disk. Mistral-7B (1.7x Phi-3-mini's out + in per layer, 224 modules) runs T = 256 with cp only and rank 16 at
+    T = 10 only, so that the sweep fits in an hour on 2 cores."""
+    if quick:
+        return [("phi3", 4, 4, None), ("phi3", 4, 8, None)]
+    return [("phi3", 4, 10, None), ("phi3", 4, 64, None), ("phi3", 4, 256, None), ("phi3", 16, 10, None),
+            ("phi3", 16, 64, None), ("mistral", 4, 10, None), ("mistral", 4, 64, None), ("mistral", 4, 256, ("cp",)),
+            ("mistral", 16, 10, None)]
+
+
+def tucker_skip(T: int, r: int, batch: int = 32) -> str | None:
+    """`tucker` holds the (T r) x (T r) x T float64 core of every module of a batch (32 of them): skipped where that
+    alone passes 4 GiB, which would compete for this 23 GiB machine with the other jobs on it."""
+    size = (T * r) ** 2 * T * 8 * batch
+    if size > 4 * 2**30:
+        return f"skipped: its (T r)^2 T float64 cores take {size / 2**30:.0f} GiB per batch of {batch} modules"
+    return None
+
+
+def library_sweep(args) -> dict:
+    """Whole-model merges at library scale, each in a fresh interpreter (time, peak RSS), against the Gram floor."""
+    from peft_cp_merge import list_merge_methods
+
+    methods = [m for m in ("cp", "tucker", "iso_c", "tsv") if m in list_merge_methods()]
+    layers = 2 if args.quick else 32
+    rate = matmul_rate()
+    logger.info("matmul rate %.1f GFLOP/s (float32 Gram product, %d threads)", rate / 1e9, torch.get_num_threads())
+    rows = []
+    grid = library_grid(args.quick)
+    largest = {}
+    for model, r, T, _ in grid:
+        largest[(model, r)] = max(largest.get((model, r), 0), 64 if r == 16 and not args.quick else T)
+    for model, r, T, only in grid:
+        shapes, base, dtype = LIBRARY_MODELS[model]
+        pool = write_adapters(largest[(model, r)], r, layers, dtype, shapes, LIBRARY_CACHE, model, base)
+        sources = pool[:T]  # the first T folders of the largest pool: one set of files for every T
+        adapter_bytes = sum((d / "adapter_model.safetensors").stat().st_size for d in sources)
+        floor = gram_floor_flops(shapes, layers, T, r)
+        for method in [m for m in methods if only is None or m in only]:
+            row = {"model": model, "adapters": T, "rank": r, "layers": layers, "dtype": str(dtype).removeprefix(
+                "torch."), "method": method, "adapter_bytes": adapter_bytes, "floor_seconds": floor / rate,
+                "load_before": os.getloadavg()}
+            skip = tucker_skip(T, r) if method == "tucker" else None
+            if skip:
+                row["stopped"] = skip
+            else:
+                res = run_child(method, sources, r, timeout=args.timeout, max_rss=args.max_rss * 2**30, warm=True)
+                row.update({k: v for k, v in res.items() if k != "method"})
+            row["load_after"] = os.getloadavg()
+            rows.append(row)
+            logger.info("library %s", row)
+    return {"setup": {"threads": torch.get_num_threads(), "cpu": platform.processor(), "cores": os.cpu_count(),
+                      "torch": torch.__version__, "matmul_gflops": rate / 1e9, "quick": args.quick,
+                      "load_start": rows[0]["load_before"] if rows else None,
+                      "command": " ".join(["python", "benchmarks/merge_speed.py", *(args.argv or sys.argv[1:])])},
+            "rows": rows}
+
+
+def render_library(results: dict) -> str:
+    s = results["setup"]
+    lines = [
+        f"Library sweep: whole-model merges from adapter files, {s['cores']} cores, {s['threads']} torch threads, "
+        f"measured float32 matmul rate {s['matmul_gflops']:.1f} GFLOP/s (the Gram product, same run). Floor: the "
+        "Gram matrices' 2 (T r)^2 (out + in) FLOPs per module at that rate. Peak RSS includes the interpreter with "
+        "torch and peft imported (0.8 GiB); the next column counts only what the merge adds. Load average (1 min) "
+        "logged before and after each merge (the machine is shared).",
+        "",
+        "| model | T | rank | dtype | method | seconds | x floor | floor (s) | peak RSS (GiB) | RSS / adapter bytes "
+        "| added by the merge / adapter bytes | adapters (GiB) | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        if "stopped" in r:
+            sec, xf, rss, ratio, own = r["stopped"], "", "", "", ""
+        else:
+            sec, xf = f"{r['seconds']:.1f}", f"{r['seconds'] / r['floor_seconds']:.1f}"
+            rss, ratio = f"{r['peak_rss'] / 2**30:.2f}", f"{r['peak_rss'] / r['adapter_bytes']:.2f}"
+            own = f"{(r['peak_rss'] - r['base_rss']) / r['adapter_bytes']:.2f}"
+        lines.append(f"| {r['model']} | {r['adapters']} | {r['rank']} | {r['dtype']} | {r['method']} | {sec} | {xf} | "
+                     f"{r['floor_seconds']:.1f} | {rss} | {ratio} | {own} | {r['adapter_bytes'] / 2**30:.2f} | "
+                     f"{r['load_before'][0]:.1f}/{r['load_after'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_library(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results["rows"] if r["model"] == model]
+        for i, method in enumerate(sorted({r["method"] for r in rows})):
+            for rank, style in ((4, "o-"), (16, "s--")):
+                pts = [r for r in rows if r["method"] == method and r["rank"] == rank and "stopped" not in r]
+                if pts:
+                    ax.plot([p["adapters"] for p in pts], [p["seconds"] for p in pts], style, color=f"C{i}",
+                            label=f"{method}, r={rank}")
+        for rank, style in ((4, ":"), (16, "-.")):
+            pts = sorted({(r["adapters"], r["floor_seconds"]) for r in rows if r["rank"] == rank})
+            if pts:
+                ax.plot(*zip(*pts), style, color="k", label=f"Gram floor, r={rank}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("adapters T")
+        ax.set_ylabel("seconds, whole model")
+        ax.set_title(f"{model} shapes ({rows[0]['layers']} layers)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def busy_row(args) -> dict:
+    """The quarter-Mistral cp merge and the dense peer, alone and next to a competing 2-thread torch process."""
+    sources = write_adapters(10, 16, 8, torch.float32)
+    runs: dict[str, dict[str, list]] = {}
+
+    def measure(state: str) -> None:  # interleaved, so both see the same load from the rest of the machine
+        for _ in range(args.repeats):
+            for name in ("cp", "dense_svd"):
+                res = run_child(name, sources, 16, warm=True)
+                runs.setdefault(name, {}).setdefault(state, []).append(res["seconds"])
+                logger.info("%s %s: %.2f s (load %s)", state, name, res["seconds"], os.getloadavg())
+
+    load = {"quiet_start": os.getloadavg()}
+    measure("quiet")
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(3)  # let it start its loop
+        load["busy_start"] = os.getloadavg()
+        measure("busy")
+        load["busy_end"] = os.getloadavg()
+    finally:
+        competitor.kill()
+        competitor.wait()
+
+    def median(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    summary = {name: {"quiet": median(r["quiet"]), "busy": median(r["busy"]),
+                      "slowdown": median(r["busy"]) / median(r["quiet"]), "runs": r} for name, r in runs.items()}
+    return {"setup": {"adapters": 10, "rank": 16, "layers": 8, "modules": 56, "threads": torch.get_num_threads(),
+                      "cores": os.cpu_count(), "competitor": COMPETITOR, "repeats": args.repeats, "load": load,
+                      "torch": torch.__version__,
+                      "command": " ".join(["python", "benchmarks/merge_speed.py", *(args.argv or sys.argv[1:])])},
+            "results": summary}
+
+
+def render_busy(results: dict) -> str:
+    s, r = results["setup"], results["results"]
+    names = {"cp": "cp merge_adapters, 10 rank-16 adapters, 56 modules (quarter Mistral-7B)",
+             "dense_svd": "dense peer: LAPACK SVD of one 4096 x 4096 update (torch.linalg.svd)"}
+    lines = [f"Busy machine: {s['cores']} cores, {s['threads']} torch threads; competing process `{s['competitor']}`. "
+             f"Medians of {s['repeats']} fresh-process runs each.", "",
+             "| merge | quiet (s) | next to the competitor (s) | slowdown | all runs quiet / busy (s) |",
+             "|---|---|---|---|---|"]
+    for name, e in r.items():
+        runs = (", ".join(f"{x:.2f}" for x in e["runs"]["quiet"]) + " / "
+                + ", ".join(f"{x:.2f}" for x in e["runs"]["busy"]))
+        lines.append(f"| {names[name]} | {e['quiet']:.2f} | {e['busy']:.2f} | {e['slowdown']:.2f}x | {runs} |")
+    ok = r["cp"]["slowdown"] <= r["dense_svd"]["slowdown"]
+    lines += ["", f"cp degrades {'no worse than' if ok else 'WORSE than'} the dense peer "
+              f"({r['cp']['slowdown']:.2f}x vs {r['dense_svd']['slowdown']:.2f}x). Load average (1, 5, 15 min): "
+              + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in s["load"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, stem: str, results: dict, md: str, plot_fn=None) -> None:
+    from peft_cp_merge._io import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(results, indent=2))
+    if plot_fn is not None:
+        plot_fn(results, out / f"{stem}.png")
+    atomic_write_text(out / f"{stem}.md", md)
+    print(md)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", type=int, default=10)
@@ -200,12 +488,27 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per method; the median is reported")
     p.add_argument("--quick", action="store_true", help="2 layers, peers on the small shapes only, few points")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--sweep", choices=["library"], help="the library-scale sweep (T up to 256) instead")
+    p.add_argument("--busy", action="store_true", help="the busy-machine row: next to a competing torch process")
+    p.add_argument("--timeout", type=float, default=480, help="library sweep: seconds before a merge is stopped")
+    p.add_argument("--max-rss", type=float, default=12, help="library sweep: GiB of RSS before a merge is stopped")
+    p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("sources", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = argv
     if args.child:
-        return child(args.child, args.sources, args.rank)
+        return child(args.child, args.sources, args.rank, args.warm)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.busy:
+        results = busy_row(args)
+        write_results(args.out, "merge_speed_busy", results, render_busy(results))
+        return results
+    if args.sweep == "library":
+        results = library_sweep(args)
+        stem = "merge_speed_library_quick" if args.quick else "merge_speed_library"
+        write_results(args.out, stem, results, render_library(results), plot_library)
+        return results
     if args.quick:
         args.layers = 2
     sources = write_adapters(args.adapters, args.rank, args.layers, torch.float32)
