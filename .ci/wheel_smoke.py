@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-RANKS = {"a": 2, "b": 3}
+RANKS = {"math": 2, "code": 3}
 WEIGHTS = [0.7, 0.4]
 
 
@@ -34,7 +34,7 @@ def base_model() -> LlamaForCausalLM:
 
 
 def delta(layer: LoraLayer, name: str) -> torch.Tensor:
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    A, B = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
     return float(layer.scaling[name]) * (B @ A)
 
 
@@ -60,11 +60,12 @@ def main() -> None:
         model = None
         for name, r in RANKS.items():
             config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False)
-            config.base_model_name_or_path = "tiny-llama"
             if model is None:
                 model = get_peft_model(base_model(), config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
+        for config in model.peft_config.values():  # a model built from a config has no name: give the base one
+            config.base_model_name_or_path = "tiny-llama"
         model.save_pretrained(tmp / "adapters", save_embedding_layers=False)
         sources = [str(tmp / "adapters" / n) for n in RANKS]
 
