@@ -12,7 +12,7 @@
 Writes `benchmarks/results/merge_speed.{md,json,png}` and prints the table.
 
     python benchmarks/merge_speed.py --sweep library          # library scale (issue 24; ~1 h on 2 cores)
-    python benchmarks/merge_speed.py --sweep library --quick  # the same code on 2 layers, T = 4 and 8 (seconds)
+    python benchmarks/merge_speed.py --sweep library --quick  # 2 layers, T = 4 and 8, in-process (seconds)
     python benchmarks/merge_speed.py --busy                   # next to a competing 2-thread torch process
 
 `--sweep library`: whole-model merges of T = 10, 64, 256 adapters (rank 4; rank 16 up to T = 64) with Phi-3-mini
@@ -325,9 +325,15 @@ def library_sweep(args) -> dict:
     logger.info("matmul rate %.1f GFLOP/s (float32 Gram product, %d threads)", rate / 1e9, torch.get_num_threads())
     rows = []
     grid = library_grid(args.quick)
+    if args.points:  # e.g. phi3:4:256:cp,tsv -- a subset of the grid (or points beyond it), in the order given
+        grid = [(m, int(r), int(T), tuple(ms.split(",")) if ms else None)
+                for m, r, T, ms in (f"{p}:".split(":")[:4] for p in args.points)]
     largest = {}
     for model, r, T, _ in grid:
         largest[(model, r)] = max(largest.get((model, r), 0), 64 if r == 16 and not args.quick else T)
+    if not args.quick:  # the pools of the full grid, so that --points reuses the same folders
+        for model, r, T, _ in library_grid(False):
+            largest[(model, r)] = max(largest.get((model, r), 0), T)
     for model, r, T, only in grid:
         shapes, base, dtype = LIBRARY_MODELS[model]
         pool = write_adapters(largest[(model, r)], r, layers, dtype, shapes, LIBRARY_CACHE, model, base)
@@ -341,6 +347,12 @@ def library_sweep(args) -> dict:
             skip = tucker_skip(T, r) if method == "tucker" else None
             if skip:
                 row["stopped"] = skip
+            elif args.quick:  # in this interpreter (seconds, for CI): times only, no per-merge peak RSS
+                import peft_cp_merge
+
+                t = time.perf_counter()
+                merged = peft_cp_merge.merge_adapters(sources, method=method, rank=r, progress=False)
+                row.update(seconds=time.perf_counter() - t, modules=merged.stats["modules"])
             else:
                 res = run_child(method, sources, r, timeout=args.timeout, max_rss=args.max_rss * 2**30, warm=True)
                 row.update({k: v for k, v in res.items() if k != "method"})
@@ -370,6 +382,8 @@ def render_library(results: dict) -> str:
     for r in results["rows"]:
         if "stopped" in r:
             sec, xf, rss, ratio, own = r["stopped"], "", "", "", ""
+        elif "peak_rss" not in r:  # --quick: in-process
+            sec, xf, rss, ratio, own = f"{r['seconds']:.2f}", f"{r['seconds'] / r['floor_seconds']:.0f}", "", "", ""
         else:
             sec, xf = f"{r['seconds']:.1f}", f"{r['seconds'] / r['floor_seconds']:.1f}"
             rss, ratio = f"{r['peak_rss'] / 2**30:.2f}", f"{r['peak_rss'] / r['adapter_bytes']:.2f}"
@@ -490,6 +504,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--sweep", choices=["library"], help="the library-scale sweep (T up to 256) instead")
     p.add_argument("--busy", action="store_true", help="the busy-machine row: next to a competing torch process")
+    p.add_argument("--points", nargs="+", help="library sweep: only these MODEL:RANK:T[:METHOD,...] points")
     p.add_argument("--timeout", type=float, default=480, help="library sweep: seconds before a merge is stopped")
     p.add_argument("--max-rss", type=float, default=12, help="library sweep: GiB of RSS before a merge is stopped")
     p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
@@ -507,6 +522,7 @@ def main(argv=None) -> dict:
     if args.sweep == "library":
         results = library_sweep(args)
         stem = "merge_speed_library_quick" if args.quick else "merge_speed_library"
+        stem += "_points" if args.points else ""
         write_results(args.out, stem, results, render_library(results), plot_library)
         return results
     if args.quick:
