@@ -37,6 +37,7 @@ from .sources import (
     FACTOR_DTYPES,
     batch_key,
     check_shapes,
+    common_base_model,
     index_modules,
     open_weights,
     resolve_source,
@@ -114,15 +115,7 @@ def merge_adapters(
     device = _device(device)
 
     srcs = [resolve_source(s, token=token) for s in sources]
-    bases = {s.spec: s.config.base_model_name_or_path for s in srcs}
-    if base_model is None:
-        if len(set(bases.values())) > 1:
-            raise MergeInputError(
-                f"The adapters were trained on different base models: {bases}. Merging them is only meaningful "
-                "for the same base model; if these are the same weights under different names, pass "
-                "base_model='<id>' (--base-model) to merge anyway."
-            )
-        base_model = next(iter(bases.values()))
+    base_model = common_base_model(srcs, base_model, "Merging them is only meaningful for the same base model")
     configs = [s.config for s in srcs]
     check_mergeable(configs, [s.spec for s in srcs])  # before any tensor is read
 

@@ -303,3 +303,16 @@ def check_shapes(name: str, entries: list[_Entry], sources: Sequence[AdapterSour
             )
 
 
+def common_base_model(srcs: Sequence[AdapterSource], base_model: str | None, advice: str) -> str | None:
+    """The one base model of ``srcs`` (``base_model`` when the user gave it); sources of different base models are
+    refused, with ``advice`` saying what to do instead."""
+    if base_model is not None:
+        return base_model
+    bases = {s.spec: s.config.base_model_name_or_path for s in srcs}
+    if len(set(bases.values())) > 1:
+        raise MergeInputError(
+            f"The adapters were trained on different base models: {bases}. {advice}; if these are the same weights "
+            "under different names, pass base_model='<id>' (--base-model)."
+        )
+    return next(iter(bases.values()))
+

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .._io import MARKER_FIELD, check_disjoint, check_output_folder, file_identities, marker, now, package_versions
-from ..errors import MergeInputError
 from .errors import LibraryConfigError, LibraryExistsError
 
 logger = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ def plan_build(
     output that exists (unless ``overwrite``) or overlaps a source, cluster the adapters and choose the ranks.
     Writes nothing. See :meth:`AdapterLibrary.from_adapters`."""
     from ..config import check_option_types
-    from ..files.sources import resolve_source
+    from ..files.sources import common_base_model, resolve_source
     from ..methods import get_merge_method
     from .cluster import cluster_adapters
 
@@ -178,15 +177,7 @@ def plan_build(
         seen[key] = s.spec
     check_disjoint(out, sources=[s.path for s in srcs])  # an overwrite there would delete the adapters being read
     identities = file_identities([f for s in srcs for f in (s.path / "adapter_config.json", s.weights_file)])
-    bases = {s.spec: s.config.base_model_name_or_path for s in srcs}
-    if base_model is None:
-        if len(set(bases.values())) > 1:
-            raise MergeInputError(
-                f"The adapters were trained on different base models: {bases}. A library is for one base model; "
-                "build one library per base model, or, if these are the same weights under different names, pass "
-                "base_model='<id>' (--base-model)."
-            )
-        base_model = next(iter(bases.values()))
+    base_model = common_base_model(srcs, base_model, "A library is for one base model: build one per base model")
 
     # 3. cluster by parameters
     clustering, _ = cluster_adapters(srcs, num_clusters=num_clusters, k_range=(min_clusters, max_clusters),
