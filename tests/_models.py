@@ -167,3 +167,13 @@ def dense_core_space(fs):
 
     U_B, V_A = flip(U_B), flip(V_A)
     return U_B, V_A, [U_B.T @ f.delta() @ V_A for f in fs]
+
+
+def save_tiny_adapters(root, adapters, dtype=torch.float64):
+    """``make_peft_model(adapters, dtype)`` saved as plain PEFT folders ``root/<name>`` (base model 'tiny-net',
+    adapters only: no Hub lookup of the base model); returns the model and the folders' paths as strings."""
+    model = make_peft_model(adapters, dtype=dtype)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = "tiny-net"
+    model.save_pretrained(root, save_embedding_layers=False)
+    return model, [str(Path(root) / n) for n in adapters]

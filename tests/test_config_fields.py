@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _models import make_peft_model
+from _models import make_peft_model, save_tiny_adapters
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
@@ -77,12 +77,9 @@ def test_every_refused_and_equal_field_has_a_case_here():
 def saved(tmp_path_factory):
     """Two float64 TinyNet adapters as plain PEFT folders."""
     root = tmp_path_factory.mktemp("adapters")
-    model = make_peft_model({"x": {"r": 2, "target_modules": ["lin0", "conv1"]},
-                             "y": {"r": 3, "target_modules": ["lin0", "conv1"]}})
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = "tiny-net"
-    model.save_pretrained(root, save_embedding_layers=False)
-    return [root / "x", root / "y"]
+    _, paths = save_tiny_adapters(root, {"x": {"r": 2, "target_modules": ["lin0", "conv1"]},
+                                         "y": {"r": 3, "target_modules": ["lin0", "conv1"]}})
+    return [Path(p) for p in paths]
 
 
 def _edited(folder: Path, dst: Path, **changes) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from _hub import fake_hf_api
-from _models import assert_loads_with_plain_peft, delta_matrix, inputs, make_peft_model
+from _models import assert_loads_with_plain_peft, delta_matrix, inputs, save_tiny_adapters
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
@@ -32,11 +32,7 @@ W = [0.5, 0.3, -0.2]
 def saved(tmp_path_factory):
     """The PEFT model and its three adapters saved as plain PEFT folders (float64, base_model 'tiny-net')."""
     root = tmp_path_factory.mktemp("adapters")
-    model = make_peft_model(ADAPTERS)
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = "tiny-net"
-    model.save_pretrained(root, save_embedding_layers=False)  # adapters only: no Hub lookup of the base model
-    return model, [str(root / n) for n in ADAPTERS]
+    return save_tiny_adapters(root, ADAPTERS)
 
 
 def _layers(model):

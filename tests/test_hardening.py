@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from _hub import fake_hf_api
-from _models import make_peft_model
+from _models import make_peft_model, save_tiny_adapters
 from safetensors.torch import load_file, save_file
 
 import peft_cp_merge.files.merge as engine
@@ -32,11 +32,7 @@ CONFIG = "adapter_config.json"
 def saved(tmp_path_factory):
     """Two float32 PEFT adapters of TinyNet saved as plain folders (base model 'tiny-net')."""
     root = tmp_path_factory.mktemp("adapters")
-    model = make_peft_model(ADAPTERS, dtype=torch.float32)
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = "tiny-net"
-    model.save_pretrained(root, save_embedding_layers=False)  # adapters only: no Hub lookup of the base model
-    return [str(root / n) for n in ADAPTERS]
+    return save_tiny_adapters(root, ADAPTERS, dtype=torch.float32)[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 import torch
-from _models import delta_matrix, lora_layers, make_peft_model, random_factors
+from _models import delta_matrix, lora_layers, random_factors, save_tiny_adapters
 
 from peft_cp_merge import LoraFactors, MergeInputError, get_merge_method, load_recipe, merge_adapters
 from peft_cp_merge._yaml import MAX_YAML_DEPTH, load_yaml
@@ -53,11 +53,7 @@ def _bounded(fn):
 def saved(tmp_path_factory):
     """Two float64 TinyNet adapters as plain PEFT folders (base model 'tiny-net')."""
     root = tmp_path_factory.mktemp("adapters")
-    model = make_peft_model({"x": {"r": 2}, "y": {"r": 3}})
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = "tiny-net"
-    model.save_pretrained(root, save_embedding_layers=False)
-    return model, [str(root / "x"), str(root / "y")]
+    return save_tiny_adapters(root, {"x": {"r": 2}, "y": {"r": 3}})
 
 
 # --- the YAML reader -------------------------------------------------------------------------------------------------

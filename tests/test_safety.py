@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _library import REPO, env, make_rows, make_tiny_model, write_jsonl
-from _models import make_peft_model
+from _models import make_peft_model, save_tiny_adapters
 from safetensors.torch import save_file
 
 import peft_cp_merge.files.merge as engine
@@ -34,11 +34,7 @@ WEIGHTS = "adapter_model.safetensors"
 def saved(tmp_path_factory):
     """Two float32 TinyNet LoRA adapters saved as plain PEFT folders (base model 'tiny-net')."""
     root = tmp_path_factory.mktemp("adapters")
-    model = make_peft_model(ADAPTERS, dtype=torch.float32)
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = "tiny-net"
-    model.save_pretrained(root, save_embedding_layers=False)
-    return [root / n for n in ADAPTERS]
+    return [Path(p) for p in save_tiny_adapters(root, ADAPTERS, dtype=torch.float32)[1]]
 
 
 @pytest.fixture
