@@ -177,3 +177,23 @@ def save_tiny_adapters(root, adapters, dtype=torch.float64):
         config.base_model_name_or_path = "tiny-net"
     model.save_pretrained(root, save_embedding_layers=False)
     return model, [str(Path(root) / n) for n in adapters]
+
+
+def run_cli(argv, capsys):
+    """(exit code, stderr) of ``peft-cp-merge argv``, argparse's own exits (a flag's type or choices) included."""
+    from peft_cp_merge.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def cli_one_line(argv, capsys):
+    """:func:`run_cli`, checking that a failure is exactly one stderr line, without a traceback."""
+    rc, err = run_cli(argv, capsys)
+    if rc != 0:
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    return rc, err

@@ -8,11 +8,10 @@ import tracemalloc
 
 import pytest
 import torch
-from _models import delta_matrix, lora_layers, random_factors, save_tiny_adapters
+from _models import cli_one_line, delta_matrix, lora_layers, random_factors, save_tiny_adapters
 
 from peft_cp_merge import LoraFactors, MergeInputError, get_merge_method, load_recipe, merge_adapters
 from peft_cp_merge._yaml import MAX_YAML_DEPTH, load_yaml
-from peft_cp_merge.cli import main as cli_main
 from peft_cp_merge.errors import PeftCpMergeError
 from peft_cp_merge.files.recipe import RECIPE_START, card_recipe
 
@@ -23,17 +22,7 @@ LAUGHS = '  lol0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "
 DEEP = "[" * 5000 + "]" * 5000
 
 
-def _cli(argv, capsys):
-    """(exit code, stderr) of the CLI; a failure must be exactly one line, without a traceback."""
-    capsys.readouterr()
-    try:
-        rc = cli_main(argv)
-    except SystemExit as e:  # argparse's own errors (a value's type)
-        rc = e.code
-    err = capsys.readouterr().err
-    if rc != 0:
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-    return rc, err
+_cli = cli_one_line  # (exit code, stderr); a failure is exactly one line, no traceback
 
 
 def _bounded(fn):

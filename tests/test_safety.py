@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _library import REPO, env, make_rows, make_tiny_model, write_jsonl
-from _models import make_peft_model, save_tiny_adapters
+from _models import cli_one_line, make_peft_model, run_cli, save_tiny_adapters
 from safetensors.torch import save_file
 
 import peft_cp_merge.files.merge as engine
@@ -52,17 +52,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _cli(argv, capsys):
-    """(exit code, stderr) of the CLI, checking a failure is exactly one line and no traceback."""
-    capsys.readouterr()
-    try:
-        rc = cli_main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    if rc != 0:
-        assert err.count("\n") == 1 and "Traceback" not in err, err
-    return rc, err
+_cli = cli_one_line  # (exit code, stderr); a failure is exactly one line, no traceback
 
 
 def _library(tmp_path: Path, adapters, name="lib", dim=4, marked=True) -> Path:
@@ -170,12 +160,7 @@ def tiny(tmp_path_factory):
 
 def _train_cli(argv, capsys):
     """``library train``: (exit code, last stderr line); no traceback anywhere (training logs on stderr)."""
-    capsys.readouterr()
-    try:
-        rc = cli_main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
+    rc, err = run_cli(argv, capsys)
     assert "Traceback" not in err, err
     return rc, (err.strip().splitlines() or [""])[-1]
 
