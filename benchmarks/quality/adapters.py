@@ -94,15 +94,16 @@ def _cached(path: Path) -> bool:
 
 
 def build_adapters(base, tok, train: dict[str, list[Example]], cfg: AdapterConfig, seed: int, cache: Path,
-                   *, joint: bool = True, progress: bool = True):
-    """A PeftModel over ``base`` holding one adapter per task (named by the task) and ``joint`` (trained on all
-    tasks' data), each trained once and then loaded from ``cache``. Returns ``(peft_model, info)``, where ``info``
+                   *, joint: bool = True, per_task: bool = True, progress: bool = True):
+    """A PeftModel over ``base`` holding one adapter per task (named by the task; not with ``per_task=False``) and
+    ``joint`` (trained on all tasks' data), each trained once and then loaded from ``cache``.
+    Returns ``(peft_model, info)``, where ``info``
     maps adapter name -> {cached, seconds, loss_first, loss_last, path}."""
     from tqdm.auto import tqdm
 
     root = cache / cfg.key(seed)
     tasks = list(train)
-    jobs = [(t, train[t], cfg.steps, root / t) for t in tasks]
+    jobs = [(t, train[t], cfg.steps, root / t) for t in tasks] if per_task else []
     if joint:
         tag = hashlib.sha256(json.dumps(sorted(tasks)).encode()).hexdigest()[:8]
         pooled = [e for t in tasks for e in train[t]]

@@ -107,7 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--regime", choices=sorted(OUT_NAMES), default="tasks",
                    help="tasks: one adapter per task (nearly disjoint skills); sources: one adapter per (skill, data "
                         "source), scored on every source and one unseen source per skill, plus each skill's adapters "
-                        "merged alone; library: TC-LoRA's protocol (not built yet)")
+                        "merged alone; library: TC-LoRA's protocol (one pooled mixture of 16 tasks clustered into "
+                        "k-cluster libraries, their adapters merged; held-out formats and composed skills; joint, "
+                        "nearest-centroid and Arrow references)")
     p.add_argument("--skills", nargs="+", choices=sorted(SKILL_SOURCES), default=None,
                    help=f"sources regime: the skills (default {' '.join(SKILL_SOURCES)}; quick: reverse lookup)")
     p.add_argument("--sources-per-skill", type=int, default=None,
@@ -152,6 +154,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train the joint adapter and run the TC-LoRA part on the first N seeds")
     p.add_argument("--tc-k", type=float, nargs="+", default=None,
                    help="numbers of clusters as multiples of the number of tasks (default 1 2; 0 skips TC-LoRA)")
+    p.add_argument("--library-k", type=int, nargs="+", default=None,
+                   help="library regime: numbers of clusters (default 4 8; quick 2)")
+    p.add_argument("--arrow-top-k", type=int, default=3, help="library regime: top-k of PEFT's Arrow router")
     p.add_argument("--tc-methods", nargs="+", default=["cp/weighted", "cp/selected", "tsv", "iso_c", "svd"],
                    help="merges of the cluster adapters at output rank r (cp/selected: the CP configuration with the "
                         "best validation mean on the first seed)")
@@ -173,11 +178,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="adapter cache (keyed by a hash of the training config)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
-    if args.regime == "library":
-        p.error("--regime library (TC-LoRA's protocol: a pooled mixture of >= 16 tasks clustered at k = 4 and 8, "
-                "held-out formats, composed skills, Arrow routing) is not built yet; run --regime tasks (which has "
-                "the TC-LoRA pipeline at k = T) or --regime sources")
     defaults = QUICK if args.quick else FULL
+    if args.regime == "library":
+        from benchmarks.quality.library import LIBRARY_FULL, LIBRARY_QUICK
+
+        if args.tasks is not None or args.skills is not None:
+            p.error("--regime library pools its own mixture (peft_cp_merge.demo.tasks.LIBRARY_TASKS); drop --tasks "
+                    "and --skills")
+        defaults = {**defaults, **(LIBRARY_QUICK if args.quick else LIBRARY_FULL)}
     if args.regime == "sources":
         defaults = {**defaults, **(SOURCES_QUICK if args.quick else SOURCES_FULL)}
     for key, value in defaults.items():
@@ -343,6 +351,16 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    _setup(args)
+    if args.regime == "library":
+        from benchmarks.quality.library import main as library_main
+
+        return library_main(args)
+    return _main(args)
+
+
+def _setup(args) -> None:
+    """Logging, warning filters and torch threads of a benchmark run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "sentence_transformers", "peft_cp_merge.demo.training", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -351,6 +369,9 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def _main(args) -> dict:
     from tqdm.auto import tqdm
 
     from peft_cp_merge.demo.evaluate import exact_match

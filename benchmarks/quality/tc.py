@@ -75,8 +75,8 @@ def train_tc_library(train: dict[str, list[Example]], cfg: AdapterConfig, model_
     return lib, info
 
 
-def routed_accuracy(pm, tok, lib, data: dict[str, list[Example]], batch_size: int = 32) -> dict[str, float]:
-    """Exact match per task when each test prompt is answered by the cluster adapter it is routed to (top-1 cosine
+def routed_hits(pm, tok, lib, data: dict[str, list[Example]], batch_size: int = 32) -> dict[str, list[bool]]:
+    """Per task, whether each test prompt is answered exactly by the cluster adapter it is routed to (top-1 cosine
     similarity to the library's centroids): the library used as a router, a reference for the merges."""
     examples = [e for ex in data.values() for e in ex]
     routed = lib.route([e.prompt for e in examples]).top1
@@ -88,6 +88,11 @@ def routed_accuracy(pm, tok, lib, data: dict[str, list[Example]], batch_size: in
             hits[i] = h
     out, i = {}, 0
     for task, ex in data.items():
-        out[task] = sum(hits[j] for j in range(i, i + len(ex))) / len(ex)
+        out[task] = [hits[j] for j in range(i, i + len(ex))]
         i += len(ex)
     return out
+
+
+def routed_accuracy(pm, tok, lib, data: dict[str, list[Example]], batch_size: int = 32) -> dict[str, float]:
+    """Exact match per task of :func:`routed_hits`."""
+    return {t: sum(h) / len(h) for t, h in routed_hits(pm, tok, lib, data, batch_size).items()}

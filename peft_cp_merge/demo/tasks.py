@@ -264,3 +264,61 @@ animals, cities; people, books, products, pets; bare numbers, named scores), phr
 comma-separated, a Python list, a slash list; a bare value; a number or a name)."""
 
 TASKS.update(SOURCE_TASKS)
+
+
+# --- one pooled mixture, held-out formats and composed skills (the quality benchmark's `library` regime) ---------
+# TC-LoRA's protocol: the training data of many tasks is pooled, clustered and one LoRA is trained per cluster; the
+# merged library is scored on the training tasks, zero-shot on tasks that reuse a trained skill in a new format, and
+# zero-shot on prompts that chain two trained skills.
+
+
+def _sort_then_reverse(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return (f"Numbers: {' '.join(map(str, xs))}\nTask: sort ascending, then reverse their order.\nAnswer:",
+            " " + " ".join(map(str, sorted(xs, reverse=True))))
+
+
+def _max_then_add(r: random.Random) -> tuple[str, str]:
+    xs, b = r.sample(range(10, 99), 4), r.randint(10, 999)
+    return (f"Numbers: {' '.join(map(str, xs))}\nTask: give the largest, then add {b} to it.\nAnswer:",
+            f" {max(xs) + b}")
+
+
+def _lookup_then_month(r: random.Random) -> tuple[str, str]:
+    name, city = r.choice(NAMES), r.choice(CITIES)
+    day = _dt.date(2020, 1, 1) + _dt.timedelta(days=r.randrange(3653))
+    return (f"Record: name={name}; date={day.isoformat()}; city={city}\nWhat is the month name of the date?",
+            f" {day.strftime('%B')}")
+
+
+COMPOSED_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "sort_then_reverse": _sort_then_reverse,
+    "max_then_add": _max_then_add,
+    "lookup_then_month": _lookup_then_month,
+}
+TASKS.update(COMPOSED_TASKS)
+
+LIBRARY_TASKS: tuple[str, ...] = (
+    "add", "python", "units",  # arithmetic
+    "sort", "reverse", "rev_colors", "rev_pylist",  # ordering
+    "record", "look_json", "look_pipe",  # lookup
+    "max", "max_which", "max_scores",  # extremum
+    "weekday", "month",  # calendar
+    "count",  # counting
+)
+"""The pooled mixture of the ``library`` regime: 16 tasks over six skills, several formats per skill."""
+
+LIBRARY_HELDOUT: dict[str, tuple[str, ...]] = {
+    "record_swap": ("record",),
+    "rev_cities": ("reverse", "rev_colors", "rev_pylist"),
+    "look_xml": ("record", "look_json", "look_pipe"),
+    "max_call": ("max", "max_which", "max_scores"),
+}
+"""Held-out formats of trained skills (zero-shot), and the trained tasks whose skill they reuse."""
+
+LIBRARY_COMPOSED: dict[str, tuple[str, ...]] = {
+    "sort_then_reverse": ("sort", "reverse"),
+    "max_then_add": ("max", "add"),
+    "lookup_then_month": ("record", "month"),
+}
+"""Two trained skills chained in one prompt (zero-shot), and the two trained tasks they compose."""
