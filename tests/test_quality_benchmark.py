@@ -389,3 +389,38 @@ def test_quick_library_regime(tmp_path):
     assert set(at_rank(data)) == {"library (k=2)"}
     md = (out / "quality_library.md").read_text()
     assert "## Library k = 2" in md and "R = 8 (= r)" in md and "k=2: arrow" in md
+
+
+def test_scaling_runs_nest_and_summarize(tmp_path):
+    """`benchmarks.quality.scaling`: the run with T adapters trains on the first T tasks of one order (so smaller
+    libraries are inside larger ones), sources runs take T / 3 whole skills; the summary ranks every method at R = r
+    per T and carries its interval against that T's best matrix merge (hand-made records)."""
+    from benchmarks.quality.scaling import TASK_ORDER, parse_args, run_argv, summarize, write
+
+    args = parse_args(["--out", str(tmp_path)])
+    assert args.T == [6, 12, 24] and len(set(TASK_ORDER)) == len(TASK_ORDER) >= 24
+    a6, a12 = run_argv(args, 6), run_argv(args, 12)
+    tasks = lambda argv: argv[argv.index("--tasks") + 1: argv.index("--heldout")]  # noqa: E731
+    assert tasks(a12)[:6] == tasks(a6) == list(TASK_ORDER[:6]) and a6[a6.index("--stem") + 1] == "quality_scaling_T6"
+    src = run_argv(parse_args(["--regime", "sources"]), 6)
+    assert src[src.index("--skills") + 1: src.index("--single-skill")] == ["reverse", "lookup"]
+
+    def record(T, means, diff):
+        methods = [{"label": f"{m} R=8", "method": m, "out_rank": 8, "combination_type": m.split("/")[0]}
+                   for m in means]
+        summary = {f"{m} R=8": {"mean": [v, 0.0], "normalized": [v, 0.0]} for m, v in means.items()}
+        rows = {"cp/weighted R=8": {"diff": diff, "low": diff - 0.05, "high": diff + 0.05}}
+        return {"adapter_config": {"rank": 8}, "tasks": list(TASK_ORDER[:T]), "methods": methods, "summary": summary,
+                "wall_seconds": {"total": 10.0 * T},
+                "comparison": {"by_rank": {"8": {"in_domain": {"reference": "iso_c R=8", "rows": rows}}}}}
+
+    s = summarize({6: record(6, {"iso_c": 0.6, "cp/weighted": 0.5}, -0.1),
+                   12: record(12, {"iso_c": 0.4, "cp/weighted": 0.5}, 0.1)})
+    assert s["6"]["rows"]["iso_c"]["place"] == 1 and s["12"]["rows"]["cp/weighted"]["place"] == 1
+    assert s["12"]["rows"]["cp/weighted"]["tensor"] and not s["12"]["rows"]["iso_c"]["tensor"]
+    assert s["6"]["rows"]["iso_c"]["diff"] is None and s["12"]["rows"]["cp/weighted"]["low"] == 0.05
+    write(s, args, tmp_path / "quality_scaling")
+    md = (tmp_path / "quality_scaling.md").read_text()
+    assert "| cp/weighted | tensor | 0.500 (2); **-0.100 [-0.150, -0.050]** | 0.500 (1); **+0.100 [+0.050, +0.150]**" \
+        in md and "| iso_c | matrix | 0.600 (1); best matrix | 0.400 (2); best matrix |" in md
+    assert (tmp_path / "quality_scaling.png").stat().st_size > 0
