@@ -9,7 +9,8 @@ paired bootstrap against the best matrix merge at R = r) on the first T tasks of
 are inside the T = 12 ones, and adapters are shared through the cache: ``tasks`` takes :data:`TASK_ORDER` (the
 first six are the tasks regime's default), ``sources`` takes T / 3 skills with their three sources each. One seed,
 output rank r only, no joint adapter and no TC-LoRA part, the strongest methods of the earlier runs
-(:data:`METHODS`). Every run writes its own ``<stem>_T<T>.{md,json,png}``; this script then writes
+(:data:`METHODS`), 20 training steps per adapter and 12 test prompts per task (:data:`RUN_DEFAULTS`). Every run
+writes its own ``<stem>_T<T>.{md,json,png}``; this script then writes
 ``<stem>.{md,json,png}``: per T, every merge's test mean, its difference to the best matrix merge with the 95%
 interval, and its place in the ranking. Extra arguments after ``--`` go to every run.
 """
@@ -35,6 +36,10 @@ TASK_ORDER = ("sort", "reverse", "count", "max", "record", "month",  # the tasks
               "look_json", "look_pipe", "max_which", "max_scores", "rev_cities", "look_xml", "max_call", "sort_desc",
               "record_swap", "min", "sort_then_reverse", "max_then_add")
 METHODS = ["iso_c", "iso_cts", "core_tsv_iso", "tsv", "cp/weighted", "cp/orth_iso", "tucker"]
+RUN_DEFAULTS = ["--steps", "20", "--n-train", "300", "--n-val", "4", "--n-test", "12", "--lambdas", "0.25", "0.5", "1",
+                "2", "4", "8", "16", "32"]
+"""Settings of every full run (the sources regime's run settings: T = 24 adapters fit the budget); arguments after
+``--`` override them."""
 
 
 def parse_args(argv=None):
@@ -66,8 +71,7 @@ def run_argv(args, T: int) -> list[str]:
     argv = ["--regime", args.regime, "--seeds", "0", "--rank-mults", "1", "--ref-seeds", "0", "--tc-k", "0",
             "--check-generate", "0", "--methods", *(args.methods or METHODS), "--out", str(args.out),
             "--stem", f"{args.stem}_T{T}"]
-    if args.quick:
-        argv.append("--quick")
+    argv += ["--quick"] if args.quick else RUN_DEFAULTS
     if args.regime == "tasks":
         argv += ["--tasks", *TASK_ORDER[:T], "--heldout"]
     else:
