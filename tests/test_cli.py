@@ -124,6 +124,20 @@ def test_methods_lists_allowed_values(capsys):
                        for x in out.splitlines()), (name, key)
 
 
+def test_methods_prints_measured_advice(capsys):
+    """Every registered method has its advice line (a new method without one fails here), printed by `methods`."""
+    from peft_cp_merge.cli import main
+    from peft_cp_merge.methods import list_merge_methods
+    from peft_cp_merge.methods.advice import ADVICE
+
+    assert set(list_merge_methods()) <= set(ADVICE), set(list_merge_methods()) - set(ADVICE)
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in list_merge_methods():
+        assert f"use: {ADVICE[name]}" in out, name
+    assert "orth_iso" in ADVICE["cp"] and "recommended" in ADVICE["iso_c"]
+
+
 def test_choices_are_enforced_and_checked_at_registration():
     from peft_cp_merge import MergeInputError, get_merge_method
     from peft_cp_merge.methods import merge_method

@@ -122,16 +122,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from ..methods import get_merge_method, list_merge_methods
+    from ..methods.advice import advice
 
     names = list_merge_methods()
     width = max(map(len, names))
     print("Merge methods and their options as NAME = DEFAULT, with the allowed values where they are a fixed set.\n"
-          "Pass options as --option NAME=VALUE (merge, library merge) or as keywords of add_weighted_adapter.\n")
+          "Pass options as --option NAME=VALUE (merge, library merge) or as keywords of add_weighted_adapter.\n"
+          "`use:` is the measured advice (benchmarks/README.md; margins in points vs the best matrix merge at the "
+          "same output rank R).\n")
     for name in names:
         m = get_merge_method(name)
         where = "add_weighted_adapter + files" if m.peft_combination_type else "files (PEFT has its own)"
         print(f"{name:{width}s}  {m.pretty_name} [{where}; rank: {m.rank_option}]")
         print(f"{'':{width}s}  {m.reference}")
+        print(f"{'':{width}s}  use: {advice(name)}")
         for k, v in m.options.items():
             allowed = m.choices.get(k)
             print(f"{'':{width}s}    {k} = {v!r}" + (f"  (one of: {', '.join(map(str, allowed))})" if allowed else ""))
