@@ -232,6 +232,8 @@ def cp_scaling(points: list[tuple[int, int, int]], modules: int = 8) -> list[dic
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
+    from peft_cp_merge._io import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -250,10 +252,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("cp ms per module")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 PHI3 = {  # module -> (out, in): microsoft/Phi-3-mini-4k-instruct, fused qkv and gate_up
@@ -397,6 +396,8 @@ def render_library(results: dict) -> str:
 def plot_library(results: dict, path: Path) -> None:
     import matplotlib
 
+    from peft_cp_merge._io import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -420,10 +421,7 @@ def plot_library(results: dict, path: Path) -> None:
         ax.set_ylabel("seconds, whole model")
         ax.set_title(f"{model} shapes ({rows[0]['layers']} layers)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def busy_row(args) -> dict:

@@ -60,6 +60,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out and save a matplotlib figure to ``path`` through a temporary file in the same folder (a reader never
+    sees half a plot), then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

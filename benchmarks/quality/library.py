@@ -45,7 +45,7 @@ import torch
 from benchmarks.quality.adapters import LLAMA_TARGETS, AdapterConfig, build_adapters
 from benchmarks.quality.merging import accuracies, build_specs, evaluate_hits, group_specs, pack_hits
 from benchmarks.quality.stats import compare, is_tensor, summarize, verdicts
-from peft_cp_merge._io import atomic_write_text
+from peft_cp_merge._io import atomic_write_text, save_figure
 from peft_cp_merge.demo.tasks import LIBRARY_COMPOSED, LIBRARY_HELDOUT, LIBRARY_TASKS, make_examples, make_splits
 
 logger = logging.getLogger("benchmarks.quality")
@@ -404,8 +404,4 @@ def write_plot(data: dict, path) -> None:
             ax.set_title(f"k = {k}, R = r = {r}: {title}", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("diff to the best matrix merge (paired 95% CI)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.quality.stats import is_tensor  # noqa: E402
-from peft_cp_merge._io import atomic_write_text  # noqa: E402
+from peft_cp_merge._io import atomic_write_text, save_figure  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quality")
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,11 +138,7 @@ def write(summary: dict, args, path: Path) -> None:
     ax.set_xticks([int(T) for T in Ts])
     ax.set_title(f"Scaling in T, {args.regime} regime (one seed)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path.with_suffix(".png"))
-    plt.close(fig)
+    save_figure(fig, path.with_suffix(".png"))
 
 
 def main(argv=None) -> dict:

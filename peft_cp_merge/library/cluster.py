@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import save_figure
 from .errors import ClusteringError
 
 logger = logging.getLogger(__name__)
@@ -198,11 +199,7 @@ def plot_clusters(embeddings: torch.Tensor, assignments: torch.Tensor, path: str
     ax2.set_ylabel("examples")
     ax2.set_title("Cluster sizes")
     ax2.set_xticks(range(k))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- clustering adapters by their parameters (AdapterLibrary.from_adapters) ---------------------------------------
