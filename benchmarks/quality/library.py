@@ -297,7 +297,7 @@ def rank_rows(data: dict, k: str, R: str) -> list[tuple[str, str]]:
 def write_markdown(data: dict, path) -> None:
     from benchmarks.quality.report import decision_lines
 
-    summary, n, r = data["summary"], len(data["seeds"]), data["adapter_config"]["rank"]
+    summary, r = data["summary"], data["adapter_config"]["rank"]
     cfg, d, wall = data["adapter_config"], data["data"], data["wall_seconds"]
     lines = [
         f"# Merge quality, library regime (TC-LoRA's protocol): {data['model']}", "",
@@ -316,7 +316,9 @@ def write_markdown(data: dict, path) -> None:
         f"held-out format (" + "; ".join(f"{t}: {', '.join(s)}" for t, s in data["heldout_tasks"].items())
         + ") and per composed task (" + "; ".join(f"{t}: {' + '.join(s)}" for t, s in data["composed_tasks"].items())
         + f"); seeds {data['seeds']}. Normalized: {data['protocol']['normalized']}. Routers (nearest centroid, "
-        f"Arrow top-{data['arrow_top_k']}) keep all k adapters: references, not merges.", "",
+        f"Arrow top-{data['arrow_top_k']}) keep all k adapters: references, not merges. Arrow runs at PEFT's "
+        f"defaults (router temperature 1.0, no GenKnowSub) with no tuning, while every merge has its lambda chosen "
+        f"on validation: its top-k experts are mixed with softmax weights that sum to 1.", "",
     ]
     lines += decision_lines(data)
     for k, per_r in data["comparison"].items():
@@ -336,6 +338,7 @@ def write_markdown(data: dict, path) -> None:
                       "composed mean | diff [95% CI] | lambda |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for label, fam in rank_rows(data, k, R):
                 sm = summary[label]
+                n = len(sm["seeds"])  # a partial record has fewer seeds than planned
                 runs = data["merge_runs"].get(label, {})
                 lam = ", ".join("n/a" if x["lambda"] is None else f"{x['lambda']:g}" for x in runs.values())
                 cells = [f"**{label}**" if fam == "reference" else f"{label} (best)" if label == ref else label, fam,

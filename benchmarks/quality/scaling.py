@@ -35,7 +35,7 @@ TASK_ORDER = ("sort", "reverse", "count", "max", "record", "month",  # the tasks
               "add", "units", "weekday", "python", "rev_colors", "rev_pylist",
               "look_json", "look_pipe", "max_which", "max_scores", "rev_cities", "look_xml", "max_call", "sort_desc",
               "record_swap", "min", "sort_then_reverse", "max_then_add")
-METHODS = ["iso_c", "iso_cts", "core_tsv_iso", "tsv", "cp/weighted", "cp/orth_iso", "tucker"]
+METHODS = ["iso_c", "core_tsv_iso", "cp/weighted", "cp/orth_iso", "tucker"]
 RUN_DEFAULTS = ["--steps", "20", "--n-train", "300", "--n-val", "4", "--n-test", "12", "--lambdas", "0.25", "0.5", "1",
                 "2", "4", "8", "16", "32"]
 """Settings of every full run (the sources regime's run settings: T = 24 adapters fit the budget); arguments after
