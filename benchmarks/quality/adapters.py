@@ -96,9 +96,8 @@ def _cached(path: Path) -> bool:
 def build_adapters(base, tok, train: dict[str, list[Example]], cfg: AdapterConfig, seed: int, cache: Path,
                    *, joint: bool = True, per_task: bool = True, progress: bool = True):
     """A PeftModel over ``base`` holding one adapter per task (named by the task; not with ``per_task=False``) and
-    ``joint`` (trained on all tasks' data), each trained once and then loaded from ``cache``.
-    Returns ``(peft_model, info)``, where ``info``
-    maps adapter name -> {cached, seconds, loss_first, loss_last, path}."""
+    ``joint`` (trained on all tasks' data), each trained once and then loaded from ``cache``. Returns
+    ``(peft_model, info)``, where ``info`` maps adapter name -> {cached, seconds, loss_first, loss_last, path}."""
     from tqdm.auto import tqdm
 
     root = cache / cfg.key(seed)

@@ -2,6 +2,8 @@
 
     python -m benchmarks.quality                  # full run: 6 tasks, 3 seeds, embedded SmolLM2-135M-Instruct
     python -m benchmarks.quality --quick          # 3 tasks, 1 seed, fewer steps/examples (a few minutes)
+    python -m benchmarks.quality --regime sources # 3 skills x 3 data sources (CP Merging's premise)
+    python -m benchmarks.quality --regime library # TC-LoRA's protocol (benchmarks/quality/library.py)
     python benchmarks/quality/run.py --model HuggingFaceTB/SmolLM2-360M-Instruct --n-test 200   # any causal LM
 
 Protocol (all numbers are exact match, teacher-forced and batched, ``peft_cp_merge.demo.evaluate``):
