@@ -386,7 +386,9 @@ def test_quick_library_regime(tmp_path):
     assert abs(sm["composed_mean"][0] - res["sort_then_reverse"]) < 1e-12
     assert abs(sm["heldout_mean"][0] - res["record_swap"]) < 1e-12
     assert set(data["decision"]["verdicts"]) == {"k=2: cp/weighted R=8"}
-    assert set(at_rank(data)) == {"library (k=2)"}
+    lib = at_rank(data)
+    assert set(lib) == {"library (k=2)"} and lib["library (k=2)"]["reference"] == "iso_c R=8"
+    assert lib["library (k=2)"]["rows"]["cp/weighted R=8"]["tensor"]  # named as in the other regimes' records
     md = (out / "quality_library.md").read_text()
     assert "## Library k = 2" in md and "R = 8 (= r)" in md and "k=2: arrow" in md
 

@@ -24,8 +24,13 @@ def at_rank(data: dict, rank: int | None = None, n_resamples: int = 2000) -> dic
     r = str(rank or data["adapter_config"]["rank"])
     regime = data.get("regime", "tasks")
     comp = data.get("comparison", {})
-    if regime == "library":  # one comparison per library: {k: {R: {"in_domain": ...}}}
-        return {f"library (k={k})": per_r.get(r, {}).get("in_domain", {}) for k, per_r in comp.items()}
+    if regime == "library":  # one comparison per library, {k: {R: {"in_domain": ...}}}, rows named as elsewhere
+        out = {}
+        for k, per_r in comp.items():
+            c, p = per_r.get(r, {}).get("in_domain", {}), f"k={k}: "
+            out[f"library (k={k})"] = {**c, "reference": c.get("reference", "").removeprefix(p),
+                                       "rows": {lab.removeprefix(p): v for lab, v in c.get("rows", {}).items()}}
+        return out
     tasks, heldout = data["tasks"], list(data.get("heldout_tasks", {}))
     if "by_rank" not in comp:
         comp = {"by_rank": by_rank(data["hits"], data["summary"], data["methods"], tasks, heldout, n_resamples)}

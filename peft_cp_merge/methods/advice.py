@@ -10,25 +10,27 @@ Regimes measured: ``tasks`` (6 nearly disjoint tasks, 3 seeds), ``sources`` (3 s
 from __future__ import annotations
 
 ADVICE: dict[str, str] = {
-    "iso_c": "recommended for one merged adapter at any rank: best or within 3 points of the best in every regime; "
-             "best at R = sum r_t on disjoint tasks",
-    "core_tsv_iso": "recommended when adapters share skills (sources regime: best at R = r and 2r); not yet "
-                    "measured on disjoint tasks",
-    "iso_cts": "good at R >= 2r (within 1 point of the best on sources at 2r); 9 points below on library clusters "
-               "at R = r",
-    "cp": "the default cp_variant='weighted' (the seeds' least-squares CP) trails the isotropic merges by 2-9 points "
-          "at R = r; for a rank-r merge pass cp_variant='orth_iso' (within 1 point of the best matrix merge in "
-          "every regime, never significantly different)",
-    "tucker": "CtM's Tucker-2: significantly below the best matrix merge at R = r on shared-skill sources (-6.5 "
-              "points); ties it at R = 2r; not recommended yet",
-    "tsv": "Task Singular Vectors: 2-9 points below iso_c; the truncated-SVD baseline without the flat spectrum",
-    "svd": "exact low-rank least squares (PEFT's svd, fast): fine for a few adapters of one skill, 4-9 points below "
-           "the isotropic merges with many adapters",
+    "iso_c": "recommended for one merged adapter: the best matrix merge at R = r on disjoint tasks and on 4 library "
+             "clusters, within 2.8 points of the best elsewhere at R = r; best at R = sum r_t on disjoint tasks",
+    "core_tsv_iso": "recommended for one merged adapter: the best matrix merge at R = r on shared-skill sources and "
+                    "on 8 library clusters, 1.4 points below iso_c on 4 clusters; not measured on disjoint tasks",
+    "iso_cts": "within 1 point of the best on sources at R = 2r; 3-6 points below at R = r on library clusters, "
+               "and 19 below on their held-out formats",
+    "cp": "the default cp_variant='weighted' (the seeds' least-squares CP) is 0.9-9.3 points below the best matrix "
+          "merge at R = r in every regime; for a rank-r merge pass cp_variant='orth_iso' (+1.0 on 4 library "
+          "clusters, -0.9 on sources, but -4.0 on 8 clusters)",
+    "tucker": "CtM's Tucker-2: significantly below the best matrix merge at R = r in every regime with intervals "
+              "(-2.6 to -7.4 points); not recommended",
+    "tsv": "Task Singular Vectors: 2-9 points below the best isotropic merge; the truncated-SVD baseline without "
+           "the flat spectrum",
+    "svd": "exact low-rank least squares (PEFT's svd, fast): best for a few adapters of one skill; 1.7-8.3 points "
+           "below the isotropic merges with many adapters",
     "knots": "KnOTS: 6 points below iso_c on disjoint tasks; the slowest of the SVD family",
     "core_ties": "TIES in the shared core space: 6 points below iso_c on disjoint tasks",
     "dc_merge": "DC-Merge at its paper's density: 20-30 points below on sources (lambda at the grid's top): tune "
                 "density before use",
-    "star": "STAR (spectral truncation and rescale): 8 points below the best on sources; a least-squares-like merge",
+    "star": "STAR (spectral truncation and rescale): 2-8 points below the best at R = r, like the least-squares "
+            "merges",
     "lora_lego": "LoRA-LEGO (rank-wise clustering, output rank = clusters): 12 points below the best on sources",
 }
 """Method name -> one line of advice (what to use it for, with the measured margin)."""
