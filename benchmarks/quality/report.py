@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from peft_cp_merge._io import atomic_write_text
+from peft_cp_merge._io import atomic_write_text, save_figure
 
 REFERENCE_ROWS = ("base model", "own adapter", "joint adapter")
 
@@ -428,8 +428,4 @@ def write_plot(data: dict, path: Path) -> None:
     ax2.set_xlim(0, 1)
     ax2.set_xlabel("mean exact match over tasks (test)")
     ax2.set_title("Every row: mean over tasks (grey: references, red: tensor merges, blue: matrix merges)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    plt.close(fig)
+    save_figure(fig, path)
