@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import platform
 import sys
@@ -87,17 +86,16 @@ def _comparisons(hits, summary, methods: dict[str, list[dict]], tasks, heldout, 
     out: dict[str, dict] = {}
     for k, ms in methods.items():
         prefix = f"k={k}: "
-        fixed = [x for x in REFERENCES] + [prefix + x for x in ROUTERS]
+        fixed = [*REFERENCES, *(prefix + x for x in ROUTERS)]
         for R in sorted({m["out_rank"] for m in ms if m.get("out_rank")}):
             at = [m for m in ms if m.get("out_rank") == R and prefix + m["label"] in summary]
             labels = fixed + [prefix + m["label"] for m in at]
             refs = [prefix + m["label"] for m in at if not is_tensor(m)]
             tensor = {prefix + m["label"] for m in at if is_tensor(m)}
-            best = compare(hits, summary, labels, refs, tasks, "mean", n_resamples, tensor).get("reference")
-            cell = {}
-            for name, key, _ in TEST_SETS:
-                subset = {"in_domain": tasks, "heldout": heldout, "composed": composed}[name]
-                cell[name] = compare(hits, summary, labels, [best] if best else [], subset, key, n_resamples,
+            cell = {"in_domain": compare(hits, summary, labels, refs, tasks, "mean", n_resamples, tensor)}
+            best = cell["in_domain"].get("reference")  # the same reference on the zero-shot sets
+            for name, key, subset in (("heldout", "heldout_mean", heldout), ("composed", "composed_mean", composed)):
+                cell[name] = compare(hits, summary, labels, [best], subset, key, n_resamples,
                                      tensor) if subset and best else {}
             out.setdefault(str(k), {})[str(R)] = cell
     return out
@@ -106,7 +104,7 @@ def _comparisons(hits, summary, methods: dict[str, list[dict]], tasks, heldout, 
 def main(args) -> dict:
     from tqdm.auto import tqdm
 
-    from benchmarks.quality.run import Clock, _run_group, output_ranks
+    from benchmarks.quality.run import Clock, _run_group, output_ranks, reused_lambda
     from benchmarks.quality.tc import routed_hits, train_tc_library
     from peft_cp_merge.demo.evaluate import exact_match
     from peft_cp_merge.models import load_model_and_tokenizer
@@ -187,10 +185,7 @@ def main(args) -> dict:
             skipped += [x for x in skip if x not in skipped]
             modes = linearity.setdefault(str(k), {})
             for group in tqdm(group_specs(specs), desc=f"k={k} merges, seed {seed}", disable=not progress):
-                fixed = None
-                if not (args.search_seeds == "all" or seed == first):
-                    fixed = merge_runs.get(prefix + group[0].label, {}).get(first, {}).get("lambda")
-                    fixed = lambdas[0] if fixed is None else fixed
+                fixed = reused_lambda(args, seed, first, merge_runs.get(prefix + group[0].label, {}), lambdas)
                 runs = _run_group(pm, tok, group, names, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
                                   checks={}, check=seed == first, val=val, test=test, args=args, clock=clock,
                                   prefix="lib_")
@@ -208,7 +203,7 @@ def main(args) -> dict:
 
 def write(*, args, tasks, heldout, composed, seeds, results, hits, merge_runs, methods, linearity, libraries,
           skipped, clock, t_start, cfg, partial: bool) -> dict:
-    from benchmarks.quality.run import DECISION_RULE, _versions
+    from benchmarks.quality.run import DECISION_RULE, _versions, seed_keys
 
     summary = _summaries(results, tasks, heldout, composed)
     comparison = _comparisons(hits, summary, methods, tasks, heldout, composed, args.bootstrap)
@@ -251,11 +246,11 @@ def write(*, args, tasks, heldout, composed, seeds, results, hits, merge_runs, m
         "skipped_methods": skipped,
         "linearity": linearity,
         "libraries": libraries,
-        "results": {label: {str(s): v for s, v in per.items()} for label, per in results.items()},
+        "results": seed_keys(results),
         "summary": summary,
         "comparison": comparison,
-        "hits": {label: {str(s): v for s, v in per.items()} for label, per in hits.items()},
-        "merge_runs": {label: {str(s): v for s, v in runs.items()} for label, runs in merge_runs.items()},
+        "hits": seed_keys(hits),
+        "merge_runs": seed_keys(merge_runs),
         "wall_seconds": wall,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,20 +260,6 @@ def write(*, args, tasks, heldout, composed, seeds, results, hits, merge_runs, m
     write_plot(data, args.out / f"{stem}.png")
     logger.info("wrote %s (%s, %.0fs so far)", args.out / f"{stem}.md", data["status"], wall["total"])
     return data
-
-
-def _fmt(ms: list[float], n: int) -> str:
-    m, s = ms
-    if m is None or math.isnan(m):
-        return "–"
-    return f"{m:.3f}" if n <= 1 else f"{m:.3f} ± {s:.3f}"
-
-
-def _ci(row: dict | None) -> str:
-    if not row:
-        return ""
-    star = "**" if row["low"] > 0 or row["high"] < 0 else ""
-    return f"{star}{row['diff']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]{star}"
 
 
 def rank_rows(data: dict, k: str, R: str) -> list[tuple[str, str]]:
@@ -295,7 +276,7 @@ def rank_rows(data: dict, k: str, R: str) -> list[tuple[str, str]]:
 
 
 def write_markdown(data: dict, path) -> None:
-    from benchmarks.quality.report import decision_lines
+    from benchmarks.quality.report import _ci, _fmt, decision_lines
 
     summary, r = data["summary"], data["adapter_config"]["rank"]
     cfg, d, wall = data["adapter_config"], data["data"], data["wall_seconds"]

@@ -351,6 +351,21 @@ def _run_group(pm, tok, group: list[MergeSpec], adapters: list[str], seed: int, 
     return out
 
 
+def reused_lambda(args, seed: int, first: int, runs: dict[int, dict], lambdas: list[float]) -> float | None:
+    """The lambda a configuration uses on ``seed`` without a search: ``None`` (search it) on the first seed or with
+    ``--search-seeds all``; else the first seed's choice from ``runs`` (its runs by seed), or the grid's first value
+    for a configuration whose weights were ignored there."""
+    if args.search_seeds == "all" or seed == first:
+        return None
+    lam = runs.get(first, {}).get("lambda")
+    return lambdas[0] if lam is None else lam
+
+
+def seed_keys(per_label: dict[str, dict]) -> dict[str, dict]:
+    """``{label: {seed: value}}`` with the seeds as strings, as the JSON records store them."""
+    return {label: {str(s): v for s, v in per.items()} for label, per in per_label.items()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _setup(args)
@@ -461,11 +476,7 @@ def _main(args) -> dict:
             clock.add("generate_check", time.perf_counter() - t0)
 
         for group in tqdm(groups, desc=f"merges seed {seed}", disable=not progress):
-            searched = args.search_seeds == "all" or seed == first
-            fixed = None
-            if not searched:
-                fixed = merge_runs[group[0].label][first]["lambda"]
-                fixed = lambdas[0] if fixed is None else fixed
+            fixed = reused_lambda(args, seed, first, merge_runs[group[0].label], lambdas)
             runs = _run_group(pm, tok, group, tasks, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
                               checks=checks, check=seed == first, val=val, test=test, args=args, clock=clock)
             for label, run in runs.items():
@@ -513,10 +524,7 @@ def _run_single_skill(pm, tok, args, seed: int, first: int, val, test, lambdas, 
         sub_val = {t: val[t] for t in srcs}
         sub_test = {t: test[t] for t in [*srcs, unseen] if t in test}
         for group in tqdm(group_specs(specs), desc=f"{skill} alone, seed {seed}", disable=not progress):
-            fixed = None
-            if not (args.search_seeds == "all" or seed == first):
-                fixed = merge_runs.get(f"{skill}: {group[0].label}", {}).get(first, {}).get("lambda")
-                fixed = lambdas[0] if fixed is None else fixed
+            fixed = reused_lambda(args, seed, first, merge_runs.get(f"{skill}: {group[0].label}", {}), lambdas)
             runs = _run_group(pm, tok, group, srcs, seed, lambdas=lambdas, fixed_lambda=fixed, modes=modes,
                               checks=checks, check=seed == first, val=sub_val, test=sub_test, args=args, clock=clock,
                               prefix="skill_")
@@ -671,14 +679,14 @@ def _write(*, args, tasks, heldout, hits, seeds, specs, skipped, modes, results,
         "methods": method_dicts,
         "per_skill_methods": per_skill_methods,
         "decision": decision,
-        "unseen_source_references": {t: {str(s): v for s, v in per.items()} for t, per in skill_refs.items()},
+        "unseen_source_references": seed_keys(skill_refs),
         "skipped_methods": skipped,
         "linearity": modes,
-        "results": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in results.items()},
+        "results": seed_keys(results),
         "summary": summary,
         "comparison": comparison,
-        "hits": {label: {str(s): v for s, v in per_seed.items()} for label, per_seed in hits.items()},
-        "merge_runs": {label: {str(s): v for s, v in runs.items()} for label, runs in merge_runs.items()},
+        "hits": seed_keys(hits),
+        "merge_runs": seed_keys(merge_runs),
         "adapters": {str(s): v for s, v in adapter_info.items()},
         "generate_check": checks["generate"],
         "svd_slice_check": checks.get("svd_slice"),

@@ -96,6 +96,8 @@ def summarize(records: dict[int, dict]) -> dict:
 
 
 def write(summary: dict, args, path: Path) -> None:
+    from benchmarks.quality.report import _ci
+
     Ts = list(summary)
     methods = list(dict.fromkeys(m for s in summary.values() for m in s["rows"]))
     lines = [f"# Scaling in T ({args.regime} regime): merges at output rank R = r", "",
@@ -111,9 +113,7 @@ def write(summary: dict, args, path: Path) -> None:
             if not row:
                 cells.append("–")
                 continue
-            ci = ("best matrix" if row["diff"] is None else
-                  ("**" if row["low"] > 0 or row["high"] < 0 else "") + f"{row['diff']:+.3f} [{row['low']:+.3f}, "
-                  f"{row['high']:+.3f}]" + ("**" if row["low"] > 0 or row["high"] < 0 else ""))
+            ci = "best matrix" if row["diff"] is None else _ci(row)
             cells.append(f"{row['mean']:.3f} ({row['place']}); {ci}")
         tensor = any(summary[T]["rows"].get(m, {}).get("tensor") for T in Ts)
         lines.append(f"| {m} | {'tensor' if tensor else 'matrix'} | " + " | ".join(cells) + " |")
