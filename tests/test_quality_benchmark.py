@@ -212,6 +212,7 @@ def test_source_tasks_answer_their_prompts():
             return max(pairs, key=lambda p: int(p[1]))[0]
         return str(max(int(x) for x in re.findall(r"\d+", prompt)))
 
+    assert list(SKILL_SOURCES)[:3] == ["reverse", "lookup", "max"]  # the later skills: the test below
     for skill, (train, unseen) in SKILL_SOURCES.items():
         assert len(train) >= 3 and unseen not in train
         formats = set()
@@ -220,9 +221,138 @@ def test_source_tasks_answer_their_prompts():
             examples = make_examples(task, 30, split="test")
             formats.add(examples[0].prompt[:6])
             for e in examples:
-                assert e.completion == " " + answer(skill, e.prompt), (task, e)
+                if skill in ("reverse", "lookup", "max"):
+                    assert e.completion == " " + answer(skill, e.prompt), (task, e)
                 assert split_of(e.prompt) == "test"
         assert len(formats) == len(train) + 1, (skill, formats)  # each source phrases its prompts its own way
+
+
+def _hand_answer(task, prompt):
+    """The answer to a prompt of one of the later skills' sources, recomputed from its text alone (each source's
+    whole template matched, its items parsed, the skill applied by hand); None when the template does not match."""
+    import ast
+    import calendar
+    import datetime
+    import re
+
+    def m(pattern):
+        return re.fullmatch(pattern, prompt, flags=re.S)
+
+    def month(y, mo, d, short=False):
+        datetime.date(int(y), int(mo), int(d))  # a real date
+        return (calendar.month_abbr if short else calendar.month_name)[int(mo)]
+
+    rules = {
+        "sort_numbers": (r"Numbers: ([\d ]+)\nTask: sort ascending\.\nAnswer:",
+                         lambda g: " ".join(str(x) for x in sorted(int(x) for x in g[0].split()))),
+        "sort_words": (r"Alphabetize: ([a-z, ]+) =>", lambda g: ", ".join(sorted(g[0].split(", ")))),
+        "sort_pylist": (r"sorted\((\[[\d, ]+\])\) =", lambda g: repr(sorted(ast.literal_eval(g[0])))),
+        "sort_years": (r"Years ([\d /]+), earliest first ->",
+                       lambda g: " / ".join(str(x) for x in sorted(int(x) for x in g[0].split(" / ")))),
+        "count_items": (r"Animals: ([a-z ]+)\nTask: count ([a-z]+)\.\nAnswer:",
+                        lambda g: str(g[0].split().count(g[1]))),
+        "count_votes": (r"Ballots: ([A-Za-z, ]+)\. Votes for ([A-Z][a-z]+):",
+                        lambda g: str(g[0].split(", ").count(g[1]))),
+        "count_pylist": (r"(\[[a-z', ]+\])\.count\('([a-z]+)'\) =",
+                         lambda g: str(ast.literal_eval(g[0]).count(g[1]))),
+        "count_cart": (r"Cart: ([a-z, ]+)\nQuantity of ([a-z]+):", lambda g: str(g[0].split(", ").count(g[1]))),
+        "month_iso": (r"Date: (\d{4})-(\d\d)-(\d\d)\nTask: give the month name\.\nAnswer:",
+                      lambda g: month(g[0], g[1], g[2])),
+        "month_us": (r"US date (\d\d)/(\d\d)/(\d{4}): which month\?", lambda g: month(g[2], g[0], g[1])),
+        "month_abbr": (r"Day\.Month\.Year (\d\d)\.(\d\d)\.(\d{4}) -> short month:",
+                       lambda g: month(g[2], g[1], g[0], short=True)),
+        "month_stamp": (r"Timestamp (\d{4})(\d\d)(\d\d)T([01]\d|2[0-3])[0-5]\d - month\?",
+                        lambda g: month(g[0], g[1], g[2])),
+        "add_plus": (r"Compute (\d+) \+ (\d+) =", lambda g: str(int(g[0]) + int(g[1]))),
+        "add_coins": (r"[A-Z][a-z]+ has (\d+) coins and finds (\d+) more\. Coins now:",
+                      lambda g: str(int(g[0]) + int(g[1]))),
+        "add_pysum": (r"sum\(\[(\d+), (\d+)\]\) =", lambda g: str(int(g[0]) + int(g[1]))),
+        "add_minutes": (r"Call 1 took (\d+) min, call 2 took (\d+) min\. Minutes in total:",
+                        lambda g: str(int(g[0]) + int(g[1]))),
+        "last_words": (r"Words: ([a-z ]+)\nTask: give the last one\.\nAnswer:", lambda g: g[0].split()[-1]),
+        "last_queue": (r"Queue: ([A-Za-z, ]+)\. At the back:", lambda g: g[0].split(", ")[-1]),
+        "last_pylist": (r"xs = (\[[a-z', ]+\])\nxs\[-1\] =", lambda g: repr(ast.literal_eval(g[0])[-1])),
+        "last_route": (r"Route: ([A-Za-z >-]+)\. Final stop:", lambda g: g[0].split(" -> ")[-1]),
+    }
+    pattern, solve = rules[task]
+    hit = m(pattern)
+    return None if hit is None else " " + solve(hit.groups())
+
+
+NEW_SKILLS = ("sort", "count", "month", "add", "last")
+
+
+def test_later_skill_sources_answer_their_prompts():
+    """The five skills after reverse / lookup / max (8 skills: the sources regime up to T = 24): every source's
+    completion equals an answer recomputed by hand from its prompt, on every split and two data seeds; the items are
+    well formed (3-4 distinct numbers or words, a counted item 1-4 times among 5-6, a real date, small addends)."""
+    import re
+
+    from peft_cp_merge.demo.tasks import SKILL_SOURCES, make_examples, split_of
+
+    assert list(SKILL_SOURCES) == ["reverse", "lookup", "max", *NEW_SKILLS]
+    for skill in NEW_SKILLS:
+        train, unseen = SKILL_SOURCES[skill]
+        for task in [*train, unseen]:
+            for split, seed in (("train", 0), ("validation", 1), ("test", 0)):
+                examples = make_examples(task, 40, split=split, seed=seed)
+                assert len({e.prompt for e in examples}) == 40
+                for e in examples:
+                    assert e.task == task and split_of(e.prompt) == split
+                    assert e.completion == _hand_answer(task, e.prompt), (task, e)
+                    if skill == "count":
+                        assert 1 <= int(e.completion) <= 4
+                    if skill == "add":
+                        addends = [int(x) for x in re.findall(r"(?<![Cc]all )\b\d+", e.prompt)]
+                        assert len(addends) == 2 and all(2 <= x <= 49 for x in addends), e
+    sw = make_examples("sort_words", 50, split="test")
+    assert all(len({w[0] for w in e.prompt[13:-3].split(", ")}) == 3 for e in sw)  # distinct initials
+    assert any(e.completion != " " + e.prompt[13:-3] for e in sw)  # not always given sorted
+
+
+def test_sources_are_deterministic_and_distinct():
+    """Every skill has 3 distinct training sources and 1 unseen source not among them, no source is in two skills
+    and none shadows another task name; generators are pure functions of their `random.Random` and make_examples of
+    (task, split, seed); the sources of a skill use pairwise different prompt templates (a prompt with its numbers and
+    vocabulary words blanked never matches another source's)."""
+    import random
+    import re
+
+    from peft_cp_merge.demo import tasks as T
+
+    assert len(T.SKILL_SOURCES) == 8
+    seen = []
+    for skill, (train, unseen) in T.SKILL_SOURCES.items():
+        assert len(train) == 3 and len(set(train)) == 3 and unseen not in train, skill
+        seen += [*train, unseen]
+    assert len(seen) == len(set(seen)) == 32 and set(seen) == set(T.SOURCE_TASKS)
+    base = {"add", "sort", "reverse", "count", "units", "record", "weekday", "python", "month", "max", "sort_desc",
+            "record_swap", "min"}
+    assert not set(T.SOURCE_TASKS) & (base | set(T.HELD_OUT) | set(T.COMPOSED_TASKS))
+    assert all(T.TASKS[t] is T.SOURCE_TASKS[t] for t in T.SOURCE_TASKS)
+    assert T.LIBRARY_TASKS[:4] == ("add", "python", "units", "sort") and set(T.LIBRARY_TASKS) <= set(T.TASKS)
+
+    vocab = sorted({*T.WORDS, *T.COLORS, *T.ANIMALS, *T.NAMES, *T.CITIES, *T.PRODUCTS, *T.PETS, *T.MONTHS},
+                   key=len, reverse=True)
+    blank = re.compile(r"\b(?:" + "|".join(vocab) + r")\b")
+
+    def template(prompt):
+        return blank.sub("W", re.sub(r"\d+", "0", prompt))
+
+    for skill, (train, unseen) in T.SKILL_SOURCES.items():
+        templates = {}
+        for task in [*train, unseen]:
+            gen = T.TASKS[task]
+            assert [gen(random.Random(5)) for _ in range(3)] == [gen(random.Random(5)) for _ in range(3)]
+            a = T.make_examples(task, 20, split="train", seed=3)
+            assert a == T.make_examples(task, 20, split="train", seed=3)
+            assert a != T.make_examples(task, 20, split="train", seed=4)
+            templates[task] = {template(e.prompt) for e in T.make_examples(task, 60, split="train")}
+            assert len(templates[task]) <= 3, (task, templates[task])  # fixed (5 or 6 counted items, 3 keys)
+        names = list(templates)
+        for i, x in enumerate(names):
+            for y in names[i + 1:]:
+                assert not templates[x] & templates[y], (skill, x, y)
 
 
 def test_every_method_at_every_output_rank():
@@ -391,6 +521,35 @@ def test_quick_library_regime(tmp_path):
     assert lib["library (k=2)"]["rows"]["cp/weighted R=8"]["tensor"]  # named as in the other regimes' records
     md = (out / "quality_library.md").read_text()
     assert "## Library k = 2" in md and "R = 8 (= r)" in md and "k=2: arrow" in md
+
+
+def test_sources_regime_skills_and_scaling_T():
+    """Adding skills leaves the sources regime's default at reverse / lookup / max (9 adapters) while `--skills`
+    takes all 8; `scaling --regime sources` defaults to T = 6 12 24 (2, 4, 8 skills), accepts any multiple of 3 up
+    to 24 (the first T / 3 skills) and refuses 25, 27 and 0."""
+    from benchmarks.quality.run import DEFAULT_SKILLS
+    from benchmarks.quality.run import parse_args as run_args
+    from benchmarks.quality.scaling import parse_args, run_argv
+    from peft_cp_merge.demo.tasks import SKILL_SOURCES
+
+    assert DEFAULT_SKILLS == ["reverse", "lookup", "max"]
+    a = run_args(["--regime", "sources", "--device", "cpu"])
+    assert list(a.skill_sources) == DEFAULT_SKILLS and len(a.tasks) == 9
+    assert a.heldout == ["rev_cities", "look_xml", "max_call"]
+    a = run_args(["--regime", "sources", "--device", "cpu", "--skills", *SKILL_SOURCES])
+    assert len(a.tasks) == 24 and a.heldout[3:] == ["sort_years", "count_cart", "month_stamp", "add_minutes",
+                                                    "last_route"]
+
+    assert parse_args(["--regime", "sources"]).T == [6, 12, 24]
+    args = parse_args(["--regime", "sources", "--T", "12", "24"])
+    assert args.T == [12, 24]
+    skills = lambda argv: argv[argv.index("--skills") + 1: argv.index("--single-skill")]  # noqa: E731
+    assert skills(run_argv(args, 12)) == ["reverse", "lookup", "max", "sort"]
+    assert skills(run_argv(args, 24)) == list(SKILL_SOURCES) and len(SKILL_SOURCES) == 8
+    assert parse_args(["--regime", "sources", "--T", "15", "18", "21"]).T == [15, 18, 21]
+    for bad in ("25", "27", "0", "4"):
+        with pytest.raises(SystemExit):
+            parse_args(["--regime", "sources", "--T", "3", bad])
 
 
 def test_scaling_runs_nest_and_summarize(tmp_path):

@@ -92,6 +92,9 @@ QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_held
 # the `sources` regime (CP Merging's premise): one adapter per (skill, data source); the TC-LoRA part is the
 # `library` regime's, not run here
 SOURCES_FULL = dict(tc_k=[0], heldout=None, n_heldout=None)
+DEFAULT_SKILLS = list(SKILL_SOURCES)[:3]
+"""The sources regime's default skills: the first three of ``SKILL_SOURCES`` (reverse, lookup, max; 9 adapters),
+whatever skills come after them (``--skills`` takes any)."""
 SOURCES_QUICK = dict(tc_k=[0], heldout=None, n_heldout=None, skills=["reverse", "lookup"], sources_per_skill=2,
                      methods=["linear", "svd", "tsv", "iso_c", "cp/weighted", "cp/orth_iso", "tucker"])
 OUT_NAMES = {"tasks": "quality", "sources": "quality_sources", "library": "quality_library"}
@@ -113,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "k-cluster libraries, their adapters merged; held-out formats and composed skills; joint, "
                         "nearest-centroid and Arrow references)")
     p.add_argument("--skills", nargs="+", choices=sorted(SKILL_SOURCES), default=None,
-                   help=f"sources regime: the skills (default {' '.join(SKILL_SOURCES)}; quick: reverse lookup)")
+                   help=f"sources regime: the skills, any of {' '.join(SKILL_SOURCES)} (default "
+                        f"{' '.join(DEFAULT_SKILLS)}: 9 adapters; quick: reverse lookup)")
     p.add_argument("--sources-per-skill", type=int, default=None,
                    help="sources regime: training sources per skill (default 3, the most; quick 2)")
     p.add_argument("--single-skill-rank-mults", nargs="+", default=None,
@@ -204,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.regime == "sources":
         if args.tasks is not None:
             p.error("--tasks is for --regime tasks; the sources regime's tasks are --skills x --sources-per-skill")
-        skills = args.skills or list(SKILL_SOURCES)
+        skills = args.skills or DEFAULT_SKILLS
         n_src = args.sources_per_skill or 3
         if not 1 <= n_src <= min(len(SKILL_SOURCES[k][0]) for k in skills):
             p.error(f"--sources-per-skill must be between 1 and {min(len(SKILL_SOURCES[k][0]) for k in skills)}")

@@ -1,16 +1,17 @@
 """Scaling in T: does the ranking of merges change as the library grows?
 
     python -m benchmarks.quality.scaling                          # tasks regime, T = 6, 12, 24, seed 0, R = r
-    python -m benchmarks.quality.scaling --regime sources --T 3 6 9
+    python -m benchmarks.quality.scaling --regime sources         # sources regime, T = 6, 12, 24 (2, 4, 8 skills)
     python -m benchmarks.quality.scaling --quick                  # T = 2, 3 (a smoke run)
 
 Each T is one ordinary run of ``python -m benchmarks.quality`` (same protocol: the lambda search on validation, the
 paired bootstrap against the best matrix merge at R = r) on the first T tasks of a fixed order, so the T = 6 tasks
 are inside the T = 12 ones, and adapters are shared through the cache: ``tasks`` takes :data:`TASK_ORDER` (the
-first six are the tasks regime's default), ``sources`` takes T / 3 skills with their three sources each. One seed,
-output rank r only, no joint adapter and no TC-LoRA part, the strongest methods of the earlier runs
-(:data:`METHODS`), 20 training steps per adapter and 12 test prompts per task (:data:`RUN_DEFAULTS`). Every run
-writes its own ``<stem>_T<T>.{md,json,png}``; this script then writes
+first six are the tasks regime's default), ``sources`` takes the first T / 3 skills of
+``peft_cp_merge.demo.tasks.SKILL_SOURCES`` with their three sources each (T any multiple of 3 up to 24, the 8
+skills' 24 sources). One seed, output rank r only, no joint adapter and no TC-LoRA part, the strongest methods of
+the earlier runs (:data:`METHODS`), 20 training steps per adapter and 12 test prompts per task
+(:data:`RUN_DEFAULTS`). Every run writes its own ``<stem>_T<T>.{md,json,png}``; this script then writes
 ``<stem>.{md,json,png}``: per T, every merge's test mean, its difference to the best matrix merge with the 95%
 interval, and its place in the ranking. Extra arguments after ``--`` go to every run.
 """
@@ -45,8 +46,8 @@ RUN_DEFAULTS = ["--steps", "20", "--n-train", "300", "--n-val", "4", "--n-test",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", choices=["tasks", "sources"], default="tasks")
-    p.add_argument("--T", type=int, nargs="+", default=None, help="numbers of adapters (default 6 12 24; sources "
-                   "3 6 9; quick 2 3)")
+    p.add_argument("--T", type=int, nargs="+", default=None, help="numbers of adapters (default 6 12 24; sources: "
+                   "any multiple of 3 up to 3 x the skills of SKILL_SOURCES, 24; quick 2 3)")
     p.add_argument("--quick", action="store_true", help="T = 2, 3 with the quick mode's settings")
     p.add_argument("--methods", nargs="+", default=None, help=f"default: {' '.join(METHODS)}")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -54,11 +55,16 @@ def parse_args(argv=None):
     p.add_argument("rest", nargs=argparse.REMAINDER, help="after --: arguments for every run")
     args = p.parse_args(argv)
     if args.T is None:
-        args.T = [2, 3] if args.quick else [6, 12, 24] if args.regime == "tasks" else [3, 6, 9]
+        args.T = [2, 3] if args.quick else [6, 12, 24]
     if args.regime == "tasks" and max(args.T) > len(TASK_ORDER):
         p.error(f"--T: the tasks regime has {len(TASK_ORDER)} tasks")
-    if args.regime == "sources" and any(t % 3 or not 3 <= t <= 9 for t in args.T):
-        p.error("--T: the sources regime takes 3, 6 or 9 (1-3 skills x their 3 sources)")
+    if args.regime == "sources":
+        from peft_cp_merge.demo.tasks import SKILL_SOURCES
+
+        top = 3 * len(SKILL_SOURCES)
+        if any(t % 3 or not 3 <= t <= top for t in args.T):
+            p.error(f"--T: the sources regime takes multiples of 3 from 3 to {top} (1-{len(SKILL_SOURCES)} skills x "
+                    "their 3 sources)")
     args.stem = args.stem or ("quality_scaling" if args.regime == "tasks" else "quality_scaling_sources")
     args.rest = [a for a in args.rest if a != "--"]
     return args

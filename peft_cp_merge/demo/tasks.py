@@ -237,6 +237,113 @@ def _max_call(r: random.Random) -> tuple[str, str]:
     return f"max({list(xs)!r}) =", f" {max(xs)}"
 
 
+MONTHS = ("January February March April May June July August September October November December").split()
+
+
+def _sort_words(r: random.Random) -> tuple[str, str]:
+    initials = r.sample(sorted({w[0] for w in WORDS}), 3)  # distinct first letters: the order is the initials'
+    xs = [r.choice([w for w in WORDS if w[0] == c]) for c in initials]
+    return f"Alphabetize: {', '.join(xs)} =>", " " + ", ".join(sorted(xs))
+
+
+def _sort_pylist(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1, 99), 4)
+    return f"sorted({xs!r}) =", f" {sorted(xs)!r}"
+
+
+def _sort_years(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(range(1900, 2025), 3)
+    return f"Years {' / '.join(map(str, xs))}, earliest first ->", " " + " / ".join(map(str, sorted(xs)))
+
+
+def _count_of(r: random.Random, pool: Sequence[str]) -> tuple[list[str], str, int]:
+    """5 or 6 items from ``pool``: one target 1-4 times, the rest drawn from three other items."""
+    target, *others = r.sample(list(pool), 4)
+    k, n = r.randint(1, 4), r.randint(5, 6)
+    xs = [target] * k + [r.choice(others) for _ in range(n - k)]
+    r.shuffle(xs)
+    return xs, target, k
+
+
+def _count_items(r: random.Random) -> tuple[str, str]:
+    xs, target, k = _count_of(r, ANIMALS)
+    return f"Animals: {' '.join(xs)}\nTask: count {target}.\nAnswer:", f" {k}"
+
+
+def _count_votes(r: random.Random) -> tuple[str, str]:
+    xs, target, k = _count_of(r, NAMES)
+    return f"Ballots: {', '.join(xs)}. Votes for {target}:", f" {k}"
+
+
+def _count_pylist(r: random.Random) -> tuple[str, str]:
+    xs, target, k = _count_of(r, COLORS)
+    return f"{xs!r}.count({target!r}) =", f" {k}"
+
+
+def _count_cart(r: random.Random) -> tuple[str, str]:
+    xs, target, k = _count_of(r, PRODUCTS)
+    return f"Cart: {', '.join(xs)}\nQuantity of {target}:", f" {k}"
+
+
+def _day(r: random.Random) -> _dt.date:
+    return _dt.date(2020, 1, 1) + _dt.timedelta(days=r.randrange(3653))
+
+
+def _month_us(r: random.Random) -> tuple[str, str]:
+    day = _day(r)
+    return f"US date {day.month:02d}/{day.day:02d}/{day.year}: which month?", f" {MONTHS[day.month - 1]}"
+
+
+def _month_abbr(r: random.Random) -> tuple[str, str]:
+    day = _day(r)
+    return f"Day.Month.Year {day.day:02d}.{day.month:02d}.{day.year} -> short month:", f" {MONTHS[day.month - 1][:3]}"
+
+
+def _month_stamp(r: random.Random) -> tuple[str, str]:
+    day, hh, mm = _day(r), r.randrange(24), r.randrange(60)
+    return f"Timestamp {day.year}{day.month:02d}{day.day:02d}T{hh:02d}{mm:02d} - month?", f" {MONTHS[day.month - 1]}"
+
+
+def _add_plus(r: random.Random) -> tuple[str, str]:
+    a, b = r.randint(2, 49), r.randint(2, 49)
+    return f"Compute {a} + {b} =", f" {a + b}"
+
+
+def _add_coins(r: random.Random) -> tuple[str, str]:
+    name, a, b = r.choice(NAMES), r.randint(2, 49), r.randint(2, 49)
+    return f"{name} has {a} coins and finds {b} more. Coins now:", f" {a + b}"
+
+
+def _add_pysum(r: random.Random) -> tuple[str, str]:
+    a, b = r.randint(2, 49), r.randint(2, 49)
+    return f"sum([{a}, {b}]) =", f" {a + b}"
+
+
+def _add_minutes(r: random.Random) -> tuple[str, str]:
+    a, b = r.randint(2, 49), r.randint(2, 49)
+    return f"Call 1 took {a} min, call 2 took {b} min. Minutes in total:", f" {a + b}"
+
+
+def _last_words(r: random.Random) -> tuple[str, str]:
+    ws = r.sample(WORDS, 3)
+    return f"Words: {' '.join(ws)}\nTask: give the last one.\nAnswer:", f" {ws[-1]}"
+
+
+def _last_queue(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(NAMES, 4)
+    return f"Queue: {', '.join(xs)}. At the back:", f" {xs[-1]}"
+
+
+def _last_pylist(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(ANIMALS, 3)
+    return f"xs = {xs!r}\nxs[-1] =", f" {xs[-1]!r}"
+
+
+def _last_route(r: random.Random) -> tuple[str, str]:
+    xs = r.sample(CITIES, 3)
+    return f"Route: {' -> '.join(xs)}. Final stop:", f" {xs[-1]}"
+
+
 SOURCE_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "rev_words": _reverse,
     "rev_colors": _rev_colors,
@@ -250,18 +357,49 @@ SOURCE_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "max_which": _max_which,
     "max_scores": _max_scores,
     "max_call": _max_call,
+    "sort_numbers": _sort,
+    "sort_words": _sort_words,
+    "sort_pylist": _sort_pylist,
+    "sort_years": _sort_years,
+    "count_items": _count_items,
+    "count_votes": _count_votes,
+    "count_pylist": _count_pylist,
+    "count_cart": _count_cart,
+    "month_iso": _date,
+    "month_us": _month_us,
+    "month_abbr": _month_abbr,
+    "month_stamp": _month_stamp,
+    "add_plus": _add_plus,
+    "add_coins": _add_coins,
+    "add_pysum": _add_pysum,
+    "add_minutes": _add_minutes,
+    "last_words": _last_words,
+    "last_queue": _last_queue,
+    "last_pylist": _last_pylist,
+    "last_route": _last_route,
 }
-"""The ``sources`` tasks: ``<skill>_<source>`` -> generator (``rev_words`` / ``look_record`` / ``max_numbers`` are
-``reverse`` / ``record`` / ``max`` under the names of their skill)."""
+"""The ``sources`` tasks: ``<skill>_<source>`` -> generator (``rev_words`` / ``look_record`` / ``max_numbers`` /
+``sort_numbers`` / ``month_iso`` are ``reverse`` / ``record`` / ``max`` / ``sort`` / ``month`` under the names of
+their skill)."""
 
 SKILL_SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
     "reverse": (("rev_words", "rev_colors", "rev_pylist"), "rev_cities"),
     "lookup": (("look_record", "look_json", "look_pipe"), "look_xml"),
     "max": (("max_numbers", "max_which", "max_scores"), "max_call"),
+    "sort": (("sort_numbers", "sort_words", "sort_pylist"), "sort_years"),
+    "count": (("count_items", "count_votes", "count_pylist"), "count_cart"),
+    "month": (("month_iso", "month_us", "month_abbr"), "month_stamp"),
+    "add": (("add_plus", "add_coins", "add_pysum"), "add_minutes"),
+    "last": (("last_words", "last_queue", "last_pylist"), "last_route"),
 }
 """Skill -> (its training sources, its unseen source). Sources of one skill differ in vocabulary (words, colors,
 animals, cities; people, books, products, pets; bare numbers, named scores), phrasing and answer format (space- or
-comma-separated, a Python list, a slash list; a bare value; a number or a name)."""
+comma-separated, a Python list, a slash list; a bare value; a number or a name). The first three skills (reverse a
+list, look up a field, pick the largest) are the ``sources`` regime's default; the next five (sort ascending: numbers,
+words, a Python list, years; count one item's occurrences: animals, ballots, a Python list, a cart; name the month
+of a date: ISO, US, day.month.year with a short name, a timestamp; add two small numbers: a sum, coins, Python's
+``sum``, minutes; give the last item: words, a queue, a Python index, a route) let it grow to 8 skills x 3
+sources = 24 adapters."""
 
 TASKS.update(SOURCE_TASKS)
 
