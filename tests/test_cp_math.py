@@ -1,5 +1,7 @@
 """The CP method on raw factors, against dense tensorly CP and hand-checkable identities."""
 
+from pathlib import Path
+
 import pytest
 import tensorly as tl
 import torch
@@ -240,11 +242,13 @@ def test_zero_and_duplicate_adapters():
 
 
 def test_thread_policy_small_work_single_threaded_gram_threaded(monkeypatch):
-    """cp runs its (T r)-sized ALS on one thread (thread waits dominate on shared cores, issue 24), the Gram products
-    on the caller's threads; the caller's count is restored, and the merge equals the one-thread merge."""
+    """On contended cores (forced here: PEFT_CP_MERGE_THREADS=single) cp runs its (T r)-sized ALS on one thread
+    (thread waits dominate on shared cores, issue 24), the Gram products on the caller's threads; the caller's count
+    is restored, and the merge equals the one-thread merge."""
     from peft_cp_merge.methods import cp as cp_module
     from peft_cp_merge.methods._linalg import single_threaded, threaded
 
+    monkeypatch.setenv("PEFT_CP_MERGE_THREADS", "single")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -278,12 +282,63 @@ def test_thread_policy_small_work_single_threaded_gram_threaded(monkeypatch):
         merged = cp(fs, [0.5, 0.3, 0.2], rank=3)
         assert seen == {"als": 1, "gram": 2}
         assert torch.get_num_threads() == 2
-        monkeypatch.undo()
+        monkeypatch.setattr(torch.Tensor, "__matmul__", gram)
+        monkeypatch.setattr(cp_module, "cp_als", als)
         torch.set_num_threads(1)
         ref = cp(fs, [0.5, 0.3, 0.2], rank=3)
         assert _rel(merged.B @ merged.A, ref.B @ ref.A) < 1e-12
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_policy_follows_the_machine_and_the_environment(monkeypatch):
+    """auto: one thread for small work only while other processes use the cores (decided once, by the outermost
+    scope); caller: never fewer threads; a bad value is refused with the valid ones."""
+    from peft_cp_merge.methods import _linalg
+    from peft_cp_merge.methods._linalg import single_threaded, threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for contended, inside in ((True, 1), (False, 2)):
+            monkeypatch.setattr(_linalg, "cores_contended", lambda n, c=contended: c)
+            with single_threaded():
+                assert torch.get_num_threads() == inside
+                monkeypatch.setattr(_linalg, "cores_contended", lambda n, c=contended: not c)
+                with single_threaded():  # nested: the outermost decision holds
+                    assert torch.get_num_threads() == inside
+                with threaded():
+                    assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 2
+        monkeypatch.setattr(_linalg, "cores_contended", lambda n: True)
+        monkeypatch.setenv("PEFT_CP_MERGE_THREADS", "caller")
+        with single_threaded():
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("PEFT_CP_MERGE_THREADS", "fast")
+        with pytest.raises(ValueError, match="PEFT_CP_MERGE_THREADS='fast'.*auto, single, caller"):
+            with single_threaded():
+                pass
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not Path("/proc/loadavg").exists(), reason="reads Linux /proc")
+def test_other_processes_on_the_cores_are_seen():
+    """A CPU-bound process next to us counts as another running thread (Linux /proc); our own threads do not."""
+    import subprocess
+    import sys
+    import time
+
+    from peft_cp_merge.methods._linalg import _others_running
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert max(_others_running() for _ in range(20)) >= 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_large_gram_and_top_eigenpairs_match_the_dense_routines():

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -50,28 +53,99 @@ def zero_update(factors: list[LoraFactors]) -> LoraFactors:
 
 # torch's intra-op thread count of the outermost `single_threaded` scope, for `threaded` to restore
 _CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller_threads", default=None)
+# the thread count the outermost scope chose for small work (1 on contended cores, else the caller's)
+_SMALL_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("small_threads", default=None)
+
+THREAD_POLICIES = ("auto", "single", "caller")
+"""Values of ``$PEFT_CP_MERGE_THREADS``: how :func:`single_threaded` runs a merge's small work."""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _others_running() -> int | None:
+    """Threads of other processes running or runnable right now (Linux: ``/proc/loadavg``'s runnable count minus this
+    process's running threads, e.g. torch workers still spinning), or None where that is not available."""
+    try:
+        total = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        own = 0
+        for stat in Path("/proc/self/task").glob("*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                own += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+        return max(total - own, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_CONTENDED: dict[int, tuple[float, bool]] = {}  # threads -> (when, answer): cores_contended's 1 s cache
+
+
+def cores_contended(threads: int) -> bool:
+    """Whether ``threads`` intra-op threads would share the cores with other processes now: their running threads
+    (the fewest of 3 reads) exceed the cores left after ours. Where that cannot be read (not Linux), whether the
+    1-minute load average reaches the core count. Cached for 1 s (PEFT's per-module calls ask once per module)."""
+    now = time.monotonic()
+    cached = _CONTENDED.get(threads)
+    if cached is not None and now - cached[0] < 1.0:
+        return cached[1]
+    cores = _cores()
+    counts = [n for n in (_others_running() for _ in range(3)) if n is not None]
+    if counts:
+        answer = min(counts) > cores - threads
+    else:
+        try:
+            answer = os.getloadavg()[0] >= cores
+        except (AttributeError, OSError):
+            answer = True
+    _CONTENDED[threads] = (now, answer)
+    return answer
+
+
+def _small_work_threads(n: int) -> int:
+    """The intra-op threads for a merge's small work, given the caller's ``n`` (``$PEFT_CP_MERGE_THREADS``)."""
+    policy = os.environ.get("PEFT_CP_MERGE_THREADS", "auto").strip().lower() or "auto"
+    if policy not in THREAD_POLICIES:
+        raise ValueError(f"PEFT_CP_MERGE_THREADS={policy!r}: use one of {', '.join(THREAD_POLICIES)} (auto: one "
+                         "thread for small work when other processes use the cores, else torch's thread count).")
+    if n == 1 or policy == "caller":
+        return n
+    if policy == "single":
+        return 1
+    return 1 if cores_contended(n) else n
 
 
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run the enclosed torch work on one intra-op thread, restoring the caller's count after (also a decorator).
+    """Run the enclosed torch work on one intra-op thread when the cores are shared, restoring the caller's count
+    after (also a decorator).
 
     A merge is mostly small operations ((T r)-sized ALS steps, per-factor checks, copies): each parallel region
     waits for every thread, and when the cores are shared with another process (a laptop, a CI runner) a waiting
     thread can lose a whole scheduler slice. On 2 cores next to a 2-thread torch process this made a 10-adapter
-    merge 10-15x slower with 2 threads than with 1 (``benchmarks/README.md``, busy-machine row). The few large
-    products that do gain from threads run inside :func:`threaded`. ``torch.set_num_threads`` is process-wide:
-    other Python threads running torch inside this scope run single-threaded too.
+    merge 10-15x slower with 2 threads than with 1 (``benchmarks/README.md``, busy-machine row). On idle cores the
+    threads do help (the same merge 30% faster with 2), so the outermost scope decides once, on entry, from what
+    runs on the machine then (:func:`cores_contended`); nested scopes follow it. ``$PEFT_CP_MERGE_THREADS``:
+    ``auto`` (default), ``single`` (always one thread) or ``caller`` (never fewer than the caller's). The few
+    large products that gain from threads run inside :func:`threaded` either way. ``torch.set_num_threads`` is
+    process-wide: other Python threads running torch inside this scope use the same count.
     """
     n = torch.get_num_threads()
-    token = _CALLER_THREADS.set(_CALLER_THREADS.get() or n)  # nested scopes keep the outermost caller's count
-    if n != 1:
-        torch.set_num_threads(1)
+    outer = _CALLER_THREADS.get()
+    small = _SMALL_THREADS.get() if outer is not None else _small_work_threads(n)
+    token = _CALLER_THREADS.set(outer or n)  # nested scopes keep the outermost caller's count
+    token_small = _SMALL_THREADS.set(small)
+    if n != small:
+        torch.set_num_threads(small)
     try:
         yield
     finally:
-        if n != 1:
+        if n != small:
             torch.set_num_threads(n)
+        _SMALL_THREADS.reset(token_small)
         _CALLER_THREADS.reset(token)
 
 

@@ -193,10 +193,9 @@ class MergeMethod:
         return [_pad_rank(f, rank) for f in results] if pad else results
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """No NaN/inf in ``x``. A finite sum implies it (NaN and inf propagate) at a fraction of ``isfinite(x).all()``'s
-    cost; only a non-finite sum (bad values, or an overflow of large finite ones) needs the elementwise check."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+def _largest(x: torch.Tensor) -> float:
+    """``max |x|`` in one pass (0 for an empty tensor); NaN when ``x`` has a NaN (max reductions propagate it)."""
+    return float(torch.linalg.vector_norm(x, ord=math.inf)) if x.numel() else 0.0
 
 
 def _upcast(factors: Sequence[LoraFactors], weights) -> tuple[list[LoraFactors], torch.Tensor]:
@@ -323,7 +322,8 @@ def check_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | tor
                 f"Adapters have incompatible shapes{at}: adapter 0 updates a {shape} weight, adapter {t} a "
                 f"{f.shape} weight. Only adapters trained on the same base model can be merged."
             )
-        if not (_all_finite(f.A) and _all_finite(f.B) and math.isfinite(f.scaling)):
+        largest_a, largest_b = _largest(f.A), _largest(f.B)  # one pass per factor: finite check and size
+        if not (math.isfinite(largest_a) and math.isfinite(largest_b) and math.isfinite(f.scaling)):
             raise MergeInputError(
                 f"Adapter {t}{at} has non-finite (NaN/inf) LoRA weights or scaling; retrain or repair that adapter."
             )
@@ -331,9 +331,7 @@ def check_factors(factors: Sequence[LoraFactors], weights: Sequence[float] | tor
         # (1e150 for float64 factors) overflow the float32 (float64) computation and can corrupt the result
         # without an error. A trained adapter's entries are of order 1.
         limit = 1e150 if f.A.dtype == torch.float64 else 1e15
-        largest = max(float(torch.linalg.vector_norm(f.B, ord=math.inf)) if f.B.numel() else 0.0,
-                      (float(torch.linalg.vector_norm(f.A, ord=math.inf)) if f.A.numel() else 0.0)
-                      * abs(f.scaling * values[t]))
+        largest = max(largest_b, largest_a * abs(f.scaling * values[t]))
         if largest > limit:
             raise MergeInputError(
                 f"Adapter {t}{at} has LoRA factor entries up to {largest:.3g} (A times its weight and scaling); "
