@@ -11,7 +11,13 @@ import torch
 from _library import make_rows, make_tiny_model, offline, tiny_config, write_jsonl
 from packaging.version import Version
 
-from peft_cp_merge.library import AdapterLibrary, LibraryConfigError, LibraryError, train_library
+from peft_cp_merge.library import (
+    AdapterLibrary,
+    LibraryConfigError,
+    LibraryError,
+    set_arrow_routing,
+    train_library,
+)
 from peft_cp_merge.library.arrow import ARROW_MIN_PEFT
 from peft_cp_merge.library.library import adapter_checksum
 
@@ -94,6 +100,30 @@ def test_subset_of_clusters_maps_to_experts(tiny):
         ref = _direct(model_path, [lib.path / "cluster_2", lib.path / "cluster_0"], top_k=2, rng_seed=1)
         torch.testing.assert_close(ours(IDS).logits, ref(IDS).logits, atol=1e-6, rtol=0)
     assert ours.arrow_clusters == [2, 0]
+
+
+@needs_arrow
+def test_set_arrow_routing_equals_a_model_built_with_those_values(tiny):
+    """Retuning top_k / temperature in place (the benchmark's Arrow search) gives what PEFT builds with them."""
+    _, model_path, lib = tiny
+    folders = [lib.path / f"cluster_{i}" for i in range(3)]
+    with torch.no_grad():
+        ours = lib.arrow_model(_base(model_path), top_k=3, rng_seed=0)
+        before = ours(IDS).logits  # prototypes computed at the first values
+        assert set_arrow_routing(ours, top_k=1, router_temperature=0.25) == 2 * 2  # q_proj, v_proj in 2 layers
+        out = ours(IDS).logits
+        want = _direct(model_path, folders, top_k=1, router_temperature=0.25, rng_seed=0)(IDS).logits
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+        assert (out - before).abs().max() > 1e-5
+        set_arrow_routing(ours, router_temperature=2.0)  # one value alone; top_k stays 1
+        want = _direct(model_path, folders, top_k=1, router_temperature=2.0, rng_seed=0)(IDS).logits
+        torch.testing.assert_close(ours(IDS).logits, want, atol=1e-6, rtol=0)
+    with pytest.raises(LibraryConfigError, match=r"top_k=4.*\(3\)"):
+        set_arrow_routing(ours, top_k=4)
+    with pytest.raises(LibraryConfigError, match="router_temperature=-1"):
+        set_arrow_routing(ours, router_temperature=-1)
+    with pytest.raises(LibraryError, match="no Arrow router layers"):
+        set_arrow_routing(_base(model_path), top_k=1)
 
 
 @needs_arrow

@@ -497,12 +497,15 @@ def test_quick_library_regime(tmp_path):
     assert data["regime"] == "library" and data["status"] == "complete" and data["library_k"] == [2]
     every = set(data["tasks"]) | set(data["heldout_tasks"]) | set(data["composed_tasks"])
     assert every == {"sort", "reverse", "record", "month", "record_swap", "sort_then_reverse"}
-    rows = ["base model", "joint adapter", "k=2: routed (nearest centroid)", "k=2: arrow", "k=2: iso_c R=8",
-            "k=2: cp/weighted R=8"]
+    rows = ["base model", "joint adapter", "k=2: routed (nearest centroid)", "k=2: arrow", "k=2: arrow (tuned)",
+            "k=2: iso_c R=8", "k=2: cp/weighted R=8"]
     for label in rows:
         assert set(data["results"][label]["0"]) == every, label
         hits = data["hits"][label]["0"]
         assert all(abs(h.count("1") / len(h) - data["results"][label]["0"][t]) < 1e-12 for t, h in hits.items())
+    tuned = data["arrow_tuned"]["2"]  # top-k x temperature on validation; the chosen point is the grid's best
+    assert set(tuned["validation"]) == {f"{t}/{x:g}" for t in (1, 2) for x in (0.5, 1.0, 2.0)}
+    assert tuned["validation"][f"{tuned['top_k']}/{tuned['temperature']:g}"] == max(tuned["validation"].values())
     lib = data["libraries"]["2"]["0"]
     assert lib["num_clusters"] == 2 and sum(lib["cluster_sizes"]) == 4 * 24
     assert lib["total_steps"] == 2 * lib["steps_per_cluster"] >= 4 * 3  # the joint adapter's total steps

@@ -61,9 +61,18 @@ LIBRARY_QUICK = dict(seeds=[0], steps=3, lr=3e-3, n_train=24, n_val=2, n_test=3,
                      tasks=["sort", "reverse", "record", "month"], heldout=["record_swap"],
                      composed=["sort_then_reverse"])
 REFERENCES = ("base model", "joint adapter")
-ROUTERS = ("routed (nearest centroid)", "arrow")
+ROUTERS = ("routed (nearest centroid)", "arrow", "arrow (tuned)")
 TEST_SETS = (("in_domain", "mean", "trained tasks"), ("heldout", "heldout_mean", "held-out formats"),
              ("composed", "composed_mean", "composed skills"))
+ARROW_TOP_K = (1, 2, 3)
+ARROW_TEMPERATURES = (0.5, 1.0, 2.0)
+"""The tuned Arrow row's grid: top-k in ``ARROW_TOP_K`` and k itself (those <= k) x router temperature, chosen by
+validation mean on the first seed and reused for the others, as lambda is for the merges."""
+
+
+def arrow_grid(k: int) -> list[tuple[int, float]]:
+    """``(top_k, router_temperature)`` points searched for a library of ``k`` clusters, in order (ties: first)."""
+    return [(t, temp) for t in sorted({*(x for x in ARROW_TOP_K if x <= k), k}) for temp in ARROW_TEMPERATURES]
 
 
 def _summaries(results: dict[str, dict[int, dict[str, float]]], tasks, heldout, composed) -> dict[str, dict]:
@@ -107,6 +116,7 @@ def main(args) -> dict:
     from benchmarks.quality.run import Clock, _run_group, output_ranks, reused_lambda
     from benchmarks.quality.tc import routed_hits, train_tc_library
     from peft_cp_merge.demo.evaluate import exact_match
+    from peft_cp_merge.library import set_arrow_routing
     from peft_cp_merge.models import load_model_and_tokenizer
 
     progress = not args.no_progress
@@ -143,10 +153,11 @@ def main(args) -> dict:
     linearity: dict[str, dict] = {}
     libraries: dict[str, dict] = {}
     skipped: list[dict] = []
+    arrow_tuned: dict[str, dict] = {}
     first = seeds[0]
     state = dict(args=args, tasks=tasks, heldout=heldout, composed=composed, seeds=seeds, results=results,
                  hits=hits, merge_runs=merge_runs, methods=methods, linearity=linearity, libraries=libraries,
-                 skipped=skipped, clock=clock, t_start=t_start, cfg=cfg)
+                 skipped=skipped, clock=clock, t_start=t_start, cfg=cfg, arrow_tuned=arrow_tuned)
 
     def record(label: str, seed: int, h: dict[str, list[bool]]) -> None:
         hits.setdefault(label, {})[seed] = pack_hits(h)
@@ -178,6 +189,22 @@ def main(args) -> dict:
             arrow.eval()
             record(prefix + ROUTERS[1], seed, {t: exact_match(arrow, tok, test[t], batch_size=args.eval_batch_size)
                                                for t in test})
+            if seed == first or str(k) not in arrow_tuned:  # tune top-k and temperature on validation
+                grid = {}
+                for top_k, temp in arrow_grid(k_eff):
+                    set_arrow_routing(arrow, top_k=top_k, router_temperature=temp)
+                    grid[f"{top_k}/{temp:g}"] = sum(
+                        sum(exact_match(arrow, tok, val[t], batch_size=args.eval_batch_size)) / len(val[t])
+                        for t in tasks) / T
+                best = max(grid, key=grid.get)  # first of the ties
+                arrow_tuned[str(k)] = {"top_k": int(best.split("/")[0]), "temperature": float(best.split("/")[1]),
+                                       "validation": grid, "seed": seed}
+                logger.info("k=%d: Arrow tuned on validation: top_k %s, temperature %s (val %.3f; default %.3f)",
+                            k, *best.split("/"), grid[best], grid.get(f"{min(args.arrow_top_k, k_eff)}/1", -1))
+            chosen = arrow_tuned[str(k)]  # a later seed's library can have fewer clusters than the first's
+            set_arrow_routing(arrow, top_k=min(chosen["top_k"], k_eff), router_temperature=chosen["temperature"])
+            record(prefix + ROUTERS[2], seed, {t: exact_match(arrow, tok, test[t], batch_size=args.eval_batch_size)
+                                               for t in test})
             del arrow
             clock.add("eval_routers", time.perf_counter() - t0)
             specs, skip = build_specs(r, k_eff, args.density, output_ranks(args.rank_mults, r, k_eff), args.methods)
@@ -202,7 +229,7 @@ def main(args) -> dict:
 
 
 def write(*, args, tasks, heldout, composed, seeds, results, hits, merge_runs, methods, linearity, libraries,
-          skipped, clock, t_start, cfg, partial: bool) -> dict:
+          skipped, clock, t_start, cfg, arrow_tuned, partial: bool) -> dict:
     from benchmarks.quality.run import DECISION_RULE, _versions, seed_keys
 
     summary = _summaries(results, tasks, heldout, composed)
@@ -223,6 +250,7 @@ def write(*, args, tasks, heldout, composed, seeds, results, hits, merge_runs, m
         "heldout_tasks": {t: list(LIBRARY_HELDOUT.get(t, ())) for t in heldout},
         "composed_tasks": {t: list(LIBRARY_COMPOSED.get(t, ())) for t in composed},
         "seeds": seeds, "library_k": list(args.library_k), "arrow_top_k": args.arrow_top_k,
+        "arrow_tuned": arrow_tuned,
         "data": {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "n_heldout": args.n_heldout,
                  "data_seed": 0},
         "adapter_config": {**asdict(cfg), "target_modules": list(cfg.target_modules), "warmup_steps": 5},
@@ -275,6 +303,21 @@ def rank_rows(data: dict, k: str, R: str) -> list[tuple[str, str]]:
     return rows
 
 
+def _arrow_tuned_text(data: dict) -> str:
+    tuned = data.get("arrow_tuned") or {}
+    if not tuned:
+        return "(No tuned Arrow row in this record.)"
+    grid = ", ".join(f"{t}/{temp:g}" for t, temp in arrow_grid(max(int(k) for k in tuned)))
+    chosen = []
+    for k, v in sorted(tuned.items(), key=lambda x: int(x[0])):
+        val = v["validation"][f"{v['top_k']}/{v['temperature']:g}"]
+        chosen.append(f"k = {k}: top-{v['top_k']}, temperature {v['temperature']:g} (validation {val:.3f})")
+    chosen = "; ".join(chosen)
+    return (f"Row `arrow (tuned)`: top-k and router temperature chosen on validation (mean exact match of the "
+            f"trained tasks) on seed {next(iter(tuned.values()))['seed']} from the grid top-k/temperature {grid} "
+            f"(top-k <= k), reused for the other seeds, as lambda is for the merges; chosen: {chosen}.")
+
+
 def write_markdown(data: dict, path) -> None:
     from benchmarks.quality.report import _ci, _fmt, decision_lines
 
@@ -297,9 +340,9 @@ def write_markdown(data: dict, path) -> None:
         f"held-out format (" + "; ".join(f"{t}: {', '.join(s)}" for t, s in data["heldout_tasks"].items())
         + ") and per composed task (" + "; ".join(f"{t}: {' + '.join(s)}" for t, s in data["composed_tasks"].items())
         + f"); seeds {data['seeds']}. Normalized: {data['protocol']['normalized']}. Routers (nearest centroid, "
-        f"Arrow top-{data['arrow_top_k']}) keep all k adapters: references, not merges. Arrow runs at PEFT's "
-        f"defaults (router temperature 1.0, no GenKnowSub) with no tuning, while every merge has its lambda chosen "
-        f"on validation: its top-k experts are mixed with softmax weights that sum to 1.", "",
+        f"Arrow) keep all k adapters: references, not merges. Row `arrow`: PEFT's defaults (top-"
+        f"{data['arrow_top_k']}, router temperature 1.0, no GenKnowSub), untuned; its top-k experts are mixed with "
+        f"softmax weights that sum to 1. " + _arrow_tuned_text(data), "",
     ]
     lines += decision_lines(data)
     for k, per_r in data["comparison"].items():

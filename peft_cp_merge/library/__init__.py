@@ -42,6 +42,7 @@ _LAZY = {
     "cluster_embeddings": "cluster",
     "plot_clusters": "cluster",
     "route_embeddings": "cluster",
+    "set_arrow_routing": "arrow",
     "Record": "data",
     "normalize": "data",
     "read_rows": "data",
@@ -77,6 +78,7 @@ __all__ = [
     "read_rows",
     "resolve_embedding_model",
     "route_embeddings",
+    "set_arrow_routing",
     "train_library",
 ]
 

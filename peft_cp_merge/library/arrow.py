@@ -138,6 +138,40 @@ def _refuse_save(*_args, **_kwargs):
     )
 
 
+def _check_routing(top_k, router_temperature, n_experts: int) -> None:
+    """:class:`LibraryConfigError` unless ``1 <= top_k <= n_experts`` (an int) and ``router_temperature > 0``."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts:
+        raise LibraryConfigError(f"top_k={top_k!r}: give an integer between 1 and the number of routed clusters "
+                                 f"({n_experts}).")
+    if isinstance(router_temperature, bool) or not isinstance(router_temperature, (int, float)) \
+            or not router_temperature > 0:
+        raise LibraryConfigError(f"router_temperature={router_temperature!r}: give a number > 0.")
+
+
+def set_arrow_routing(model, *, top_k: int | None = None, router_temperature: float | None = None) -> int:
+    """Change the routing of an Arrow model (from :meth:`AdapterLibrary.arrow_model` or ``peft.create_arrow_model``)
+    in place: ``top_k`` experts per token and/or the softmax ``router_temperature``, in every routed layer. PEFT
+    reads both at each forward and they do not enter the prototypes, so this equals building the model with the new
+    values, without reloading the experts (how the quality benchmark tunes Arrow on validation). Returns the number
+    of routed layers changed; :class:`LibraryError` when ``model`` has none."""
+    check_peft_version()
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    routers = [m for m in model.modules() if isinstance(m, ArrowLoraLinearLayer)]
+    if not routers:
+        raise LibraryError("set_arrow_routing: the model has no Arrow router layers; build it with "
+                           "AdapterLibrary.arrow_model(base_model) (or peft.create_arrow_model) first.")
+    n_experts = len(routers[0].task_adapter_names)
+    _check_routing(routers[0].top_k if top_k is None else top_k,
+                   routers[0].temperature if router_temperature is None else router_temperature, n_experts)
+    for m in routers:
+        if top_k is not None:
+            m.top_k = top_k
+        if router_temperature is not None:
+            m.temperature = float(router_temperature)
+    return len(routers)
+
+
 def arrow_model(library, base_model, *, top_k: int = 3, router_temperature: float = 1.0,
                 general_adapters: Sequence[str | Path] | None = None, clusters: Sequence[int] | None = None,
                 rng_seed: int | None = None, **load_kwargs):
@@ -147,12 +181,7 @@ def arrow_model(library, base_model, *, top_k: int = 3, router_temperature: floa
 
     ids = list(library.available) if clusters is None else [int(i) for i in clusters]
     folders = [(f"cluster {i}", library.adapter_path(i)) for i in ids]
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(ids):
-        raise LibraryConfigError(f"top_k={top_k!r}: give an integer between 1 and the number of routed clusters "
-                                 f"({len(ids)}).")
-    if isinstance(router_temperature, bool) or not isinstance(router_temperature, (int, float)) \
-            or not router_temperature > 0:
-        raise LibraryConfigError(f"router_temperature={router_temperature!r}: give a number > 0.")
+    _check_routing(top_k, router_temperature, len(ids))
     general = []
     if general_adapters is not None:
         if isinstance(general_adapters, (str, Path)):
