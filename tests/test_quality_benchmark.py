@@ -437,6 +437,31 @@ def test_decide_recomputes_matched_rank_from_stored_hits():
     assert lines[2].startswith("| cp/orth R=8 | **+25.0 [") and lines[2].endswith("| yes |")
 
 
+def test_decide_keeps_a_regimes_second_record_as_its_own_column(tmp_path, capsys):
+    """Two records of one regime (an older run and a rerun) are both shown, the second named after its file."""
+    from benchmarks.quality.decide import main
+    from benchmarks.quality.stats import summarize
+
+    def h(ones):
+        return {"0": {"a": "1" * ones + "0" * (40 - ones)}}
+
+    paths = []
+    for stem, cp_hits in (("quality", 10), ("quality_rerun", 30)):
+        hits = {"own adapter": h(40), "iso_c R=8": h(20), "cp/orth R=8": h(cp_hits)}
+        record = {"tasks": ["a"], "adapter_config": {"rank": 8}, "hits": hits, "summary": {},
+                  "methods": [{"label": "iso_c R=8", "out_rank": 8, "combination_type": "iso_c"},
+                              {"label": "cp/orth R=8", "out_rank": 8, "combination_type": "cp"}],
+                  "comparison": {"in_domain": {}}}
+        results = {k: {0: {"a": v["0"]["a"].count("1") / 40}} for k, v in hits.items()}
+        record["summary"] = {k: summarize(v, results["own adapter"], ["a"]) for k, v in results.items()}
+        paths.append(tmp_path / f"{stem}.json")
+        paths[-1].write_text(json.dumps(record))
+    main([str(x) for x in paths] + ["--bootstrap", "200"])
+    out = capsys.readouterr().out
+    assert "| tasks: vs iso_c R=8 | tasks [quality_rerun]: vs iso_c R=8 |" in out
+    assert "| cp/orth R=8 | **-25.0 [" in out and "| **+25.0 [" in out  # both records' differences
+
+
 def test_lambda_search_walks_past_a_plateau():
     """The walk stops after two grid values in a row *below* the best; ties are not below it. A merge that scores 0
     at the low end of the grid (too weak to change an answer) must still reach its peak."""

@@ -7,7 +7,8 @@ from the stored per-prompt hits when the record predates the per-rank comparison
 ``run.DECISION_RULE``: a tensor merge wins if it beats the best matrix merge at R = r by >= 2 points with the paired
 95% interval excluding 0 in at least one regime and is significantly worse in none. Prints a markdown table.
 Tensor merges missing from a regime's record are shown as not measured there (the rule then covers only the
-regimes that measured them, which the table says).
+regimes that measured them, which the table says). A second record of a regime gets its own column, named after
+its file.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     records: dict[str, dict] = {}
     for path in args.records:
-        records.update(at_rank(json.loads(path.read_text()), n_resamples=args.bootstrap))
+        for name, comp in at_rank(json.loads(path.read_text()), n_resamples=args.bootstrap).items():
+            records[f"{name} [{path.stem}]" if name in records else name] = comp  # a regime's second record
     print("Differences in points to the best matrix merge at R = r (paired 95% interval over test prompts; bold "
           "when it excludes 0).\n")
     print("\n".join(table(records)))
