@@ -10,17 +10,19 @@ Regimes measured: ``tasks`` (6 nearly disjoint tasks, 3 seeds), ``sources`` (3 s
 from __future__ import annotations
 
 ADVICE: dict[str, str] = {
-    "iso_c": "recommended for one merged adapter: the best matrix merge at R = r on disjoint tasks and on 4 library "
-             "clusters, within 2.8 points of the best elsewhere at R = r; best at R = sum r_t on disjoint tasks",
-    "core_tsv_iso": "recommended for one merged adapter: the best matrix merge at R = r on shared-skill sources and "
-                    "on 8 library clusters, 1.4 points below iso_c on 4 clusters; not measured on disjoint tasks",
+    "iso_c": "recommended for one merged adapter: the best matrix merge at R = r on 4 library clusters and at "
+             "R = 2r on disjoint tasks, within 2.8 points of the best elsewhere at R = r; best at R = sum r_t on "
+             "disjoint tasks",
+    "core_tsv_iso": "recommended for one merged adapter: the best matrix merge at R = r on disjoint tasks, on "
+                    "shared-skill sources and on 8 library clusters; 1.4 points below iso_c on 4 clusters",
     "iso_cts": "within 1 point of the best on sources at R = 2r; 3-6 points below at R = r on library clusters, "
                "and 19 below on their held-out formats",
     "cp": "the default cp_variant='weighted' (the seeds' least-squares CP) is 0.9-9.3 points below the best matrix "
           "merge at R = r in every regime; for a rank-r merge pass cp_variant='orth_iso' (+1.0 on 4 library "
-          "clusters, -0.9 on sources, but -4.0 on 8 clusters)",
-    "tucker": "CtM's Tucker-2: significantly below the best matrix merge at R = r in every regime with intervals "
-              "(-2.6 to -7.4 points); not recommended",
+          "clusters, -0.6 on disjoint tasks, -0.9 on sources, but -4.0 on 8 clusters); cp_variant='cts' leads at "
+          "R = 2r on disjoint tasks (+1.0, not significant)",
+    "tucker": "CtM's Tucker-2: significantly below the best matrix merge at R = r in every regime (-1.7 to -7.4 "
+              "points) and 12x slower than cp; not recommended",
     "tsv": "Task Singular Vectors: 2-9 points below the best isotropic merge; the truncated-SVD baseline without "
            "the flat spectrum",
     "svd": "exact low-rank least squares (PEFT's svd, fast): best for a few adapters of one skill; 1.7-8.3 points "
