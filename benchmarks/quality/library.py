@@ -115,7 +115,7 @@ def main(args) -> dict:
 
     from benchmarks.quality.run import Clock, _run_group, output_ranks, reused_lambda
     from benchmarks.quality.tc import routed_hits, train_tc_library
-    from peft_cp_merge.demo.evaluate import exact_match
+    from peft_cp_merge.demo.evaluate import accuracy, exact_match
     from peft_cp_merge.library import set_arrow_routing
     from peft_cp_merge.models import load_model_and_tokenizer
 
@@ -189,18 +189,17 @@ def main(args) -> dict:
             arrow.eval()
             record(prefix + ROUTERS[1], seed, {t: exact_match(arrow, tok, test[t], batch_size=args.eval_batch_size)
                                                for t in test})
-            if seed == first or str(k) not in arrow_tuned:  # tune top-k and temperature on validation
+            if str(k) not in arrow_tuned:  # the first seed: tune top-k and temperature on validation
                 grid = {}
                 for top_k, temp in arrow_grid(k_eff):
                     set_arrow_routing(arrow, top_k=top_k, router_temperature=temp)
-                    grid[f"{top_k}/{temp:g}"] = sum(
-                        sum(exact_match(arrow, tok, val[t], batch_size=args.eval_batch_size)) / len(val[t])
-                        for t in tasks) / T
+                    grid[top_k, temp] = sum(accuracy(arrow, tok, val[t], batch_size=args.eval_batch_size)
+                                            for t in tasks) / T
                 best = max(grid, key=grid.get)  # first of the ties
-                arrow_tuned[str(k)] = {"top_k": int(best.split("/")[0]), "temperature": float(best.split("/")[1]),
-                                       "validation": grid, "seed": seed}
-                logger.info("k=%d: Arrow tuned on validation: top_k %s, temperature %s (val %.3f; default %.3f)",
-                            k, *best.split("/"), grid[best], grid.get(f"{min(args.arrow_top_k, k_eff)}/1", -1))
+                arrow_tuned[str(k)] = {"top_k": best[0], "temperature": best[1], "seed": seed,
+                                       "validation": {f"{t}/{temp:g}": v for (t, temp), v in grid.items()}}
+                logger.info("k=%d: Arrow tuned on validation: top_k %d, temperature %g (val %.3f; default %.3f)",
+                            k, *best, grid[best], grid.get((min(args.arrow_top_k, k_eff), 1.0), -1))
             chosen = arrow_tuned[str(k)]  # a later seed's library can have fewer clusters than the first's
             set_arrow_routing(arrow, top_k=min(chosen["top_k"], k_eff), router_temperature=chosen["temperature"])
             record(prefix + ROUTERS[2], seed, {t: exact_match(arrow, tok, test[t], batch_size=args.eval_batch_size)
