@@ -304,23 +304,27 @@ def _month_stamp(r: random.Random) -> tuple[str, str]:
     return f"Timestamp {day.year}{day.month:02d}{day.day:02d}T{hh:02d}{mm:02d} - month?", f" {MONTHS[day.month - 1]}"
 
 
+def _addends(r: random.Random) -> tuple[int, int]:
+    return r.randint(2, 49), r.randint(2, 49)
+
+
 def _add_plus(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(2, 49), r.randint(2, 49)
+    a, b = _addends(r)
     return f"Compute {a} + {b} =", f" {a + b}"
 
 
 def _add_coins(r: random.Random) -> tuple[str, str]:
-    name, a, b = r.choice(NAMES), r.randint(2, 49), r.randint(2, 49)
+    name, (a, b) = r.choice(NAMES), _addends(r)
     return f"{name} has {a} coins and finds {b} more. Coins now:", f" {a + b}"
 
 
 def _add_pysum(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(2, 49), r.randint(2, 49)
+    a, b = _addends(r)
     return f"sum([{a}, {b}]) =", f" {a + b}"
 
 
 def _add_minutes(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(2, 49), r.randint(2, 49)
+    a, b = _addends(r)
     return f"Call 1 took {a} min, call 2 took {b} min. Minutes in total:", f" {a + b}"
 
 
