@@ -50,7 +50,10 @@ class AdapterConfig:
                           target_modules=list(self.target_modules), task_type="CAUSAL_LM")
 
     def key(self, seed: int) -> str:
+        """The cache folder of one seed's adapters. ``joint_steps`` is left out (the joint adapter's folder is named
+        by its steps and task list), so runs over different task lists share their per-task adapters."""
         d = {**asdict(self), "target_modules": list(self.target_modules), "seed": seed, "v": CACHE_VERSION}
+        del d["joint_steps"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

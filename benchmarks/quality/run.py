@@ -82,16 +82,25 @@ QUICK_TASKS = ["reverse", "record", "month"]
 LAMBDAS = [0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0]
 FULL = dict(seeds=[0, 1, 2], steps=40, lr=5e-3, n_train=400, n_val=24, n_test=60, n_heldout=40, tc_k=[1],
             rank_mults=["1", "2", "T"], lambdas=LAMBDAS, check_generate=4, check_linearity="cheap",
-            targets=LLAMA_TARGETS,
-            heldout=list(HELD_OUT), methods=None)
+            targets=LLAMA_TARGETS, heldout=list(HELD_OUT), methods=None, ref_seeds=1, single_skill="all")
 QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_heldout=4, tc_k=[1], rank_mults=["1"],
              lambdas=[1.0, 3.0], check_generate=2, check_linearity="all", targets=["q_proj", "v_proj", "down_proj"],
-             heldout=["record_swap"], methods=["linear", "svd", "ties_svd", "tsv", "iso_c", "iso_cts", "core_ties",
-                                               "cp/weighted", "cp/authors", "cp/split", "cp/orth"])
+             heldout=["record_swap"], ref_seeds=1, single_skill="all",
+             methods=["linear", "svd", "ties_svd", "tsv", "iso_c", "iso_cts", "core_ties", "cp/weighted", "cp/authors",
+                      "cp/split", "cp/orth"])
 
 # the `sources` regime (CP Merging's premise): one adapter per (skill, data source); the TC-LoRA part is the
 # `library` regime's, not run here
-SOURCES_FULL = dict(tc_k=[0], heldout=None, n_heldout=None)
+SOURCES_METHODS = ["svd", "tsv", "iso_c", "iso_cts", "core_tsv_iso", "dc_merge", "star", "lora_lego", "cp/weighted",
+                   "cp/orth_iso", "cp/keep", "cp/cts", "tucker"]
+SOURCES_FULL = dict(tc_k=[0], heldout=None, n_heldout=None, steps=20, n_train=300, n_val=4, n_test=24,
+                    rank_mults=["1", "2"], lambdas=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                    check_generate=1, ref_seeds=0, single_skill="first", single_skill_rank_mults=["1"],
+                    methods=SOURCES_METHODS)
+"""The sources regime's defaults, sized for the 2-hour budget on 2 CPU cores (9 adapters x 3 seeds): 20 training
+steps (the own adapters reach 0.89), 24 test prompts per source, a 10-value lambda grid, R = r and 2r (sum r_t =
+9r is an exact re-weighting for the support-restricted merges), the single-skill merges on the first seed, no joint
+adapter, and the 13 methods of the earlier runs (PEFT's dense pruning merges left out)."""
 DEFAULT_SKILLS = list(SKILL_SOURCES)[:3]
 """The sources regime's default skills: the first three of ``SKILL_SOURCES`` (reverse, lookup, max; 9 adapters),
 whatever skills come after them (``--skills`` takes any)."""
@@ -122,23 +131,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="sources regime: training sources per skill (default 3, the most; quick 2)")
     p.add_argument("--single-skill-rank-mults", nargs="+", default=None,
                    help="sources regime: output ranks of the single-skill merges (default: --rank-mults)")
-    p.add_argument("--single-skill", choices=["all", "first", "none"], default="all",
+    p.add_argument("--single-skill", choices=["all", "first", "none"], default=None,
                    help="sources regime: merge each skill's adapters alone too, on every seed (all), the first seed "
-                        "(first) or not (none)")
+                        "(first; the default) or not (none)")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None,
                    help=f"default: {' '.join(DEFAULT_TASKS)} (quick: {' '.join(QUICK_TASKS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r of every adapter")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2r)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per task adapter (default 40; quick 10)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per task adapter (default 40; sources 20; quick 10)")
     p.add_argument("--joint-steps", type=int, default=None,
                    help="steps of the joint adapter (default T x steps: the per-task adapters' total)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-3; quick 3e-3)")
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 400)")
-    p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 24)")
-    p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 60)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples per task (default 400; sources 300)")
+    p.add_argument("--n-val", type=int, default=None, help="validation examples per task (default 24; sources 4)")
+    p.add_argument("--n-test", type=int, default=None, help="test examples per task (default 60; sources 24)")
     p.add_argument("--heldout", nargs="*", choices=sorted(set(HELD_OUT) | {u for _, u in SKILL_SOURCES.values()}),
                    default=None,
                    help=f"held-out tasks, evaluated zero-shot (default: {' '.join(HELD_OUT)})")
@@ -156,8 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "iso_c iso_cts core_ties cp or cp/<variant>)")
     p.add_argument("--search-seeds", choices=["first", "all"], default="first",
                    help="search lambda on the first seed only (reused for the others) or on every seed")
-    p.add_argument("--ref-seeds", type=int, default=1,
-                   help="train the joint adapter and run the TC-LoRA part on the first N seeds")
+    p.add_argument("--ref-seeds", type=int, default=None,
+                   help="train the joint adapter and run the TC-LoRA part on the first N seeds (default 1; sources 0)")
     p.add_argument("--tc-k", type=float, nargs="+", default=None,
                    help="numbers of clusters as multiples of the number of tasks (default 1 2; 0 skips TC-LoRA)")
     p.add_argument("--library-k", type=int, nargs="+", default=None,
