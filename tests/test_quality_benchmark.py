@@ -580,6 +580,37 @@ def test_sources_regime_skills_and_scaling_T():
             parse_args(["--regime", "sources", "--T", "3", bad])
 
 
+def test_regime_defaults_and_the_shared_adapter_cache():
+    """Each regime fills only what the command line left unset: the sources regime's sized defaults (20 steps, 24
+    test prompts per source, R = r and 2r, single skill on the first seed, no joint adapter) do not leak into the
+    tasks regime, and explicit flags win. The adapter cache key ignores joint_steps (the joint adapter's folder is
+    named by its steps), so the sources run and the scaling runs over other task lists share per-task adapters."""
+    from benchmarks.quality.adapters import AdapterConfig
+    from benchmarks.quality.run import SOURCES_METHODS
+    from benchmarks.quality.run import parse_args as run_args
+    from benchmarks.quality.scaling import parse_args, run_argv
+
+    src = run_args(["--regime", "sources", "--device", "cpu"])
+    assert (src.steps, src.n_test, src.n_heldout, src.n_val, src.n_train) == (20, 24, 24, 4, 300)
+    assert (src.rank_mults, src.single_skill, src.single_skill_rank_mults) == (["1", "2"], "first", ["1"])
+    assert src.ref_seeds == 0 and src.methods == SOURCES_METHODS and src.seeds == [0, 1, 2]
+    tasks = run_args(["--device", "cpu"])
+    assert (tasks.steps, tasks.n_test, tasks.rank_mults, tasks.ref_seeds) == (40, 60, ["1", "2", "T"], 1)
+    assert tasks.methods is None and tasks.single_skill_rank_mults == ["1", "2", "T"]
+    mine = run_args(["--regime", "sources", "--device", "cpu", "--ref-seeds", "1", "--single-skill", "none",
+                     "--n-test", "7", "--rank-mults", "1"])
+    assert (mine.ref_seeds, mine.single_skill, mine.n_test, mine.n_heldout) == (1, "none", 7, 7)
+
+    def cfg(a):
+        return AdapterConfig(model="m", rank=a.rank, alpha=a.alpha, target_modules=tuple(a.targets), steps=a.steps,
+                             joint_steps=a.joint_steps, batch_size=a.batch_size, lr=a.lr, max_length=a.max_length,
+                             n_train=a.n_train)
+
+    scaled = run_args(run_argv(parse_args(["--regime", "sources"]), 6))
+    assert scaled.joint_steps != src.joint_steps and cfg(scaled).key(0) == cfg(src).key(0)
+    assert cfg(scaled).key(0) != cfg(scaled).key(1) != cfg(tasks).key(1)
+
+
 def test_scaling_runs_nest_and_summarize(tmp_path):
     """`benchmarks.quality.scaling`: the run with T adapters trains on the first T tasks of one order (so smaller
     libraries are inside larger ones), sources runs take T / 3 whole skills; the summary ranks every method at R = r
