@@ -94,13 +94,14 @@ QUICK = dict(seeds=[0], steps=10, lr=3e-3, n_train=64, n_val=4, n_test=8, n_held
 SOURCES_METHODS = ["svd", "tsv", "iso_c", "iso_cts", "core_tsv_iso", "dc_merge", "star", "lora_lego", "cp/weighted",
                    "cp/orth_iso", "cp/keep", "cp/cts", "tucker"]
 SOURCES_FULL = dict(tc_k=[0], heldout=None, n_heldout=None, steps=20, n_train=300, n_val=4, n_test=24,
-                    rank_mults=["1", "2"], lambdas=[0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+                    rank_mults=["1", "2"], lambdas=[2.0**e for e in range(-4, 8)],
                     check_generate=1, ref_seeds=0, single_skill="first", single_skill_rank_mults=["1"],
                     methods=SOURCES_METHODS)
 """The sources regime's defaults, sized for the 2-hour budget on 2 CPU cores (9 adapters x 3 seeds): 20 training
-steps (the own adapters reach 0.89), 24 test prompts per source, a 10-value lambda grid, R = r and 2r (sum r_t =
-9r is an exact re-weighting for the support-restricted merges), the single-skill merges on the first seed, no joint
-adapter, and the 13 methods of the earlier runs (PEFT's dense pruning merges left out)."""
+steps (the own adapters reached 0.89), 24 test prompts per source, the lambda grid 1/16 .. 128 in powers of 2
+(dc_merge chose the top of the earlier 1/16 .. 32 grid), R = r and 2r (at sum r_t = 9r the support-restricted
+merges are exact re-weightings), the single-skill merges on the first seed, no joint adapter, and the 13 methods
+of the earlier runs (PEFT's dense pruning merges left out)."""
 DEFAULT_SKILLS = list(SKILL_SOURCES)[:3]
 """The sources regime's default skills: the first three of ``SKILL_SOURCES`` (reverse, lookup, max; 9 adapters),
 whatever skills come after them (``--skills`` takes any)."""
