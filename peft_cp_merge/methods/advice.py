@@ -20,8 +20,8 @@ ADVICE: dict[str, str] = {
                "held-out formats",
     "cp": "the default cp_variant='weighted' (the seeds' least-squares CP) is 2.3-9.0 points below the best matrix "
           "merge at R = r in every regime; for a rank-r merge pass cp_variant='orth_iso' (+1.0 on 4 library "
-          "clusters, -0.6 on disjoint tasks, -1.2 on sources, but -4.0 on 8 clusters); cp_variant='cts' leads at "
-          "R = 2r on disjoint tasks (+1.0, not significant)",
+          "clusters, -0.6 on disjoint tasks, -1.2 on sources, but -4.0 on 8 clusters and -9.0 on 24 sources); "
+          "cp_variant='cts' leads at R = 2r on disjoint tasks (+1.0, not significant)",
     "tucker": "CtM's Tucker-2: the best row on shared-skill sources at R = r (+1.2, not significant) but "
               "significantly below the best matrix merge in every other view (-1.7 to -10.6 points) and 12x slower "
               "than cp; not recommended",
