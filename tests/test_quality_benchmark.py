@@ -601,11 +601,7 @@ def test_regime_defaults_and_the_shared_adapter_cache():
                      "--n-test", "7", "--rank-mults", "1"])
     assert (mine.ref_seeds, mine.single_skill, mine.n_test, mine.n_heldout) == (1, "none", 7, 7)
 
-    def cfg(a):
-        return AdapterConfig(model="m", rank=a.rank, alpha=a.alpha, target_modules=tuple(a.targets), steps=a.steps,
-                             joint_steps=a.joint_steps, batch_size=a.batch_size, lr=a.lr, max_length=a.max_length,
-                             n_train=a.n_train)
-
+    cfg = AdapterConfig.from_args
     scaled = run_args(run_argv(parse_args(["--regime", "sources"]), 6))
     assert scaled.joint_steps != src.joint_steps and cfg(scaled).key(0) == cfg(src).key(0)
     assert cfg(scaled).key(0) != cfg(scaled).key(1) != cfg(tasks).key(1)

@@ -49,6 +49,14 @@ class AdapterConfig:
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=0.0,
                           target_modules=list(self.target_modules), task_type="CAUSAL_LM")
 
+    @classmethod
+    def from_args(cls, args) -> AdapterConfig:
+        """The adapters' config of a benchmark run, from its parsed arguments (no ``--model``: the embedded model)."""
+        return cls(model=args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)", rank=args.rank,
+                   alpha=args.alpha, target_modules=tuple(args.targets), steps=args.steps,
+                   joint_steps=args.joint_steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                   n_train=args.n_train, data_seed=0)
+
     def key(self, seed: int) -> str:
         """The cache folder of one seed's adapters. ``joint_steps`` is left out (the joint adapter's folder is named
         by its steps and task list), so runs over different task lists share their per-task adapters."""

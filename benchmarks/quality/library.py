@@ -131,16 +131,13 @@ def main(args) -> dict:
     t0 = time.perf_counter()
     base, tok = load_model_and_tokenizer(args.model, device=args.device)
     bare = copy.deepcopy(base)  # an unwrapped copy for Arrow, which wraps its base model in place
-    model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"
     splits = make_splits(tasks, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=0)
     train = {t: splits[t]["train"] for t in tasks}
     val = {t: splits[t]["validation"] for t in tasks}
     test = {t: splits[t]["test"] for t in tasks}
     test |= {t: make_examples(t, args.n_heldout, split="test", seed=0) for t in heldout + composed}
     clock.add("load_model_and_data", time.perf_counter() - t0)
-    cfg = AdapterConfig(model=model_id, rank=r, alpha=args.alpha, target_modules=tuple(args.targets),
-                        steps=args.steps, joint_steps=args.joint_steps, batch_size=args.batch_size, lr=args.lr,
-                        max_length=args.max_length, n_train=args.n_train, data_seed=0)
+    cfg = AdapterConfig.from_args(args)
 
     t0 = time.perf_counter()
     base_hits = {t: exact_match(base, tok, test[t], batch_size=args.eval_batch_size) for t in test}

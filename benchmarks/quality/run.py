@@ -422,7 +422,6 @@ def _main(args) -> dict:
 
     t0 = time.perf_counter()
     base, tok = load_model_and_tokenizer(args.model, device=args.device)
-    model_id = args.model or "HuggingFaceTB/SmolLM2-135M-Instruct (embedded)"
     splits = make_splits(tasks, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=0)
     train = {t: splits[t]["train"] for t in tasks}
     val = {t: splits[t]["validation"] for t in tasks}
@@ -432,9 +431,7 @@ def _main(args) -> dict:
                                                     for t in heldout}
     clock.add("load_model_and_data", time.perf_counter() - t0)
 
-    cfg = AdapterConfig(model=model_id, rank=r, alpha=args.alpha, target_modules=tuple(args.targets),
-                        steps=args.steps, joint_steps=args.joint_steps, batch_size=args.batch_size, lr=args.lr,
-                        max_length=args.max_length, n_train=args.n_train, data_seed=0)
+    cfg = AdapterConfig.from_args(args)
     specs, skipped = build_specs(r, T, args.density, ranks, args.methods)
     groups = group_specs(specs)
     logger.info("%d merge configurations: %s", len(specs), ", ".join(s.label for s in specs))
